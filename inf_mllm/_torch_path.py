@@ -1,0 +1,76 @@
+"""Vectorised PyTorch implementation of ``attention_with_scores`` (SPEC §4.1).
+
+Used for CPU tensors (and as a fallback where Triton is unavailable). Same semantics as the
+Triton kernels; no Python loop over rows or tokens. Logits, softmax and scores are computed in
+float32 (float64 when the inputs are float64); the output is cast back to ``q.dtype``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .reference import apply_rope
+
+# Above this many logits per call the query dimension is processed in blocks, so a long
+# prefill chunk does not materialise a huge [B, Hq, n, L] float32 tensor.
+_MAX_LOGITS = 1 << 26
+
+
+def attention_with_scores_torch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    length: torch.Tensor,
+    scores: Optional[torch.Tensor],
+    scale: float,
+    window: int,
+    bias: float,
+    cos: Optional[torch.Tensor],
+    sin: Optional[torch.Tensor],
+) -> torch.Tensor:
+    B, Hq, n, D = q.shape
+    Hkv = k.shape[1]
+    G = Hq // Hkv
+    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    Lmax = int(length.max())
+    length = length.to(torch.long)
+    kk = k[:, :, :Lmax].to(cdt)
+    vv = v[:, :, :Lmax].to(cdt)
+    slots = length[:, None] - n + torch.arange(n, device=q.device)  # [B, n] slot of each query
+    qq = q.to(cdt)
+    if cos is not None:
+        cq = cos.to(cdt)[slots][:, None]  # [B, 1, n, D]
+        sq = sin.to(cdt)[slots][:, None]
+        qq = apply_rope(qq, cq, sq)
+        kk = apply_rope(kk, cos[:Lmax].to(cdt), sin[:Lmax].to(cdt))
+    qq = qq.reshape(B, Hkv, G * n, D)  # the G heads of a KV head share one matmul
+    j = torch.arange(Lmax, device=q.device)
+    # keep[b, i, j]: slot j is visible to query i of row b (causal, and never past length)
+    visible = j[None, None, :] <= slots[:, :, None]  # [B, n, Lmax]
+    out = torch.empty(B, Hkv, G * n, D, dtype=cdt, device=q.device)
+
+    w = min(window, n) if scores is not None else 0
+    col = torch.zeros(B, Hkv, Lmax, dtype=cdt, device=q.device) if w > 0 else None
+
+    rows_per_block = max(1, _MAX_LOGITS // max(1, B * Hq * Lmax))
+    for i0 in range(0, n, rows_per_block):  # one iteration for decode and usual chunks
+        i1 = min(n, i0 + rows_per_block)
+        nb = i1 - i0
+        qb = qq.view(B, Hkv, G, n, D)[:, :, :, i0:i1].reshape(B, Hkv, G * nb, D)
+        logits = torch.matmul(qb, kk.transpose(-1, -2)).mul_(scale)  # [B, Hkv, G*nb, Lmax]
+        logits = logits.view(B, Hkv, G, nb, Lmax)
+        logits.masked_fill_(~visible[:, None, None, i0:i1], float("-inf"))
+        p = torch.softmax(logits, dim=-1)
+        ob = torch.matmul(p.view(B, Hkv, G * nb, Lmax), vv).view(B, Hkv, G, nb, D)
+        out.view(B, Hkv, G, n, D)[:, :, :, i0:i1] = ob
+        if w > 0 and i1 > n - w:
+            lo = max(i0, n - w) - i0
+            # mean over the GQA group, sum over the retrieval-window queries
+            col += p[:, :, :, lo:].sum(dim=3).mean(dim=2)
+    if w > 0:
+        # bias * j once per window query that sees slot j: count_j = clamp(length - j, 0, w)
+        count = (length[:, None] - j[None, :]).clamp(0, w).to(cdt)  # [B, Lmax]
+        col += (bias * j.to(cdt) * count)[:, None, :]
+        scores[:, :, :Lmax] += col.to(scores.dtype)
+    return out.view(B, Hq, n, D).to(q.dtype)

@@ -1,0 +1,308 @@
+"""Public operators of inf_mllm (SPEC §4), as ``torch.library`` custom ops.
+
+* ``attention_with_scores`` -> ``torch.ops.inf_mllm.attention_with_scores``: Triton on CUDA,
+  a vectorised PyTorch path on the CPU.
+* ``compact_`` -> ``torch.ops.inf_mllm.compact_``: the native C++ (CPU) / CUDA operator from
+  ``csrc/``, registered with ``TORCH_LIBRARY(inf_mllm, ...)``.
+
+The Python wrappers here check every argument and raise ``ValueError``/``TypeError`` with a
+message naming the problem; the raw ``torch.ops`` entry points trust their inputs.
+References: :mod:`inf_mllm.reference`.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import warnings
+from typing import Optional, Sequence
+
+import torch
+
+from ._torch_path import attention_with_scores_torch
+from .reference import attention_with_scores_ref, compact_ref_  # noqa: F401  (re-exported)
+
+__all__ = [
+    "attention_with_scores",
+    "compact_",
+    "attention_with_scores_ref",
+    "compact_ref_",
+    "native_available",
+    "value_checks",
+]
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+# --------------------------------------------------------------------------------------
+# Native library (csrc/): defines inf_mllm::compact_ with CPU and (when built) CUDA kernels.
+# --------------------------------------------------------------------------------------
+
+
+def _load_native() -> bool:
+    here = os.path.dirname(os.path.abspath(__file__))
+    for path in sorted(glob.glob(os.path.join(here, "_C*.so")) + glob.glob(os.path.join(here, "_C*.pyd"))):
+        torch.ops.load_library(path)
+        return True
+    return False
+
+
+_NATIVE = _load_native()
+
+
+def native_available() -> bool:
+    """True when the compiled operators from ``csrc/`` were loaded."""
+    return _NATIVE
+
+
+if not _NATIVE:
+    # A source checkout that was never built: keep the same op (same schema) with the
+    # reference as its implementation, so everything works, only slower.
+    warnings.warn(
+        "inf_mllm: native extension (inf_mllm/_C) not found; compact_ falls back to the "
+        "PyTorch reference. Build it with `pip install --no-build-isolation -e .`.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+    _fallback_lib = torch.library.Library("inf_mllm", "FRAGMENT")
+    _fallback_lib.define(
+        "compact_(Tensor(a!) k, Tensor(b!) v, Tensor(c!) scores, Tensor(d!) length, "
+        "Tensor(e!)[] extras, int budget, int n_sink, int n_recent, bool reset_scores, "
+        "bool return_indices) -> Tensor"
+    )
+
+    def _compact_fallback(k, v, scores, length, extras, budget, n_sink, n_recent, reset_scores, return_indices):
+        idx = compact_ref_(
+            k, v, scores, length, budget=budget, n_sink=n_sink, n_recent=n_recent,
+            reset_scores=reset_scores, extras=extras, return_indices=True,
+        )
+        return idx if return_indices else idx.new_empty(0)
+
+    _fallback_lib.impl("compact_", _compact_fallback, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("inf_mllm::compact_")
+def _compact_fake(k, v, scores, length, extras, budget, n_sink, n_recent, reset_scores, return_indices):
+    if return_indices:
+        return k.new_empty((k.shape[0], k.shape[1], budget), dtype=torch.long)
+    return k.new_empty((0,), dtype=torch.long)
+
+
+# --------------------------------------------------------------------------------------
+# attention_with_scores: a Python custom op in the same namespace.
+# --------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("inf_mllm::attention_with_scores", mutates_args=("scores",))
+def _attention_with_scores_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    length: torch.Tensor,
+    scores: Optional[torch.Tensor],
+    scale: float,
+    window: int,
+    bias: float,
+    cos: Optional[torch.Tensor],
+    sin: Optional[torch.Tensor],
+) -> torch.Tensor:
+    if q.is_cuda and q.dtype != torch.float64:
+        from .kernels.attention import attention_with_scores_triton
+
+        return attention_with_scores_triton(q, k, v, length, scores, scale, window, bias, cos, sin)
+    return attention_with_scores_torch(q, k, v, length, scores, scale, window, bias, cos, sin)
+
+
+@_attention_with_scores_op.register_fake
+def _(q, k, v, length, scores, scale, window, bias, cos, sin):
+    return torch.empty_like(q)
+
+
+# --------------------------------------------------------------------------------------
+# Argument checking
+# --------------------------------------------------------------------------------------
+
+_VALUE_CHECKS = os.environ.get("INF_MLLM_VALUE_CHECKS", "1") != "0"
+
+
+def value_checks(enabled: Optional[bool] = None) -> bool:
+    """Get (and optionally set) whether checks that read tensor *values* run.
+
+    Shape/dtype/device checks always run. Value checks (``length`` within range) read
+    ``length`` on the host, a device sync on CUDA; they are skipped automatically while a
+    CUDA graph is being captured or under ``torch.compile``, and can be turned off globally
+    here or with ``INF_MLLM_VALUE_CHECKS=0``.
+    """
+    global _VALUE_CHECKS
+    if enabled is not None:
+        _VALUE_CHECKS = bool(enabled)
+    return _VALUE_CHECKS
+
+
+def _values_checkable(t: torch.Tensor) -> bool:
+    if not _VALUE_CHECKS:
+        return False
+    if torch.compiler.is_compiling():
+        return False
+    if t.is_cuda and torch.cuda.is_current_stream_capturing():
+        return False
+    return True
+
+
+def _check(cond: bool, msg: str, exc=ValueError) -> None:
+    if not cond:
+        raise exc(f"inf_mllm: {msg}")
+
+
+def _check_tensor(name: str, t, ndim: int) -> None:
+    _check(isinstance(t, torch.Tensor), f"{name} must be a torch.Tensor, got {type(t).__name__}", TypeError)
+    _check(t.dim() == ndim, f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+
+
+def _check_length(length, B: int, device: torch.device) -> None:
+    _check_tensor("length", length, 1)
+    _check(length.dtype == torch.int32, f"length must be int32, got {length.dtype}", TypeError)
+    _check(length.shape[0] == B, f"length must have shape [B]=[{B}], got {tuple(length.shape)}")
+    _check(length.device == device, f"length is on {length.device} but the buffers are on {device}")
+
+
+def _check_kv(k, v) -> None:
+    _check_tensor("k", k, 4)
+    _check_tensor("v", v, 4)
+    _check(k.shape == v.shape, f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    _check(k.dtype == v.dtype, f"k and v must have the same dtype, got {k.dtype} and {v.dtype}", TypeError)
+    _check(k.dtype in _FLOAT_DTYPES, f"k/v dtype {k.dtype} is not supported", TypeError)
+    _check(k.device == v.device, f"k is on {k.device} but v is on {v.device}")
+    _check(k.is_contiguous() and v.is_contiguous(), "k and v buffers must be contiguous [B, Hkv, C, D]")
+
+
+def _check_scores(scores, k) -> None:
+    B, Hkv, C, _ = k.shape
+    _check_tensor("scores", scores, 3)
+    _check(scores.dtype == torch.float32, f"scores must be float32, got {scores.dtype}", TypeError)
+    _check(tuple(scores.shape) == (B, Hkv, C), f"scores must have shape [B, Hkv, C]={[B, Hkv, C]}, got {list(scores.shape)}")
+    _check(scores.device == k.device, f"scores is on {scores.device} but k is on {k.device}")
+    _check(scores.is_contiguous(), "scores must be contiguous")
+
+
+# --------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------
+
+
+def attention_with_scores(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    length: torch.Tensor,
+    scores: Optional[torch.Tensor] = None,
+    *,
+    scale: Optional[float] = None,
+    window: int = 32,
+    bias: float = 0.0,
+    cos: Optional[torch.Tensor] = None,
+    sin: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Causal attention of ``n`` new queries over a fixed-capacity KV buffer, plus local-sum scores.
+
+    Args:
+        q: ``[B, Hq, n, D]`` queries of the ``n`` new tokens (un-rotated when ``cos`` is given).
+        k, v: ``[B, Hkv, C, D]`` buffers; the new tokens' keys/values are already written at
+            slots ``length[b]-n .. length[b]-1``. Slots ``>= length[b]`` are never read.
+        length: ``[B]`` int32, valid slots per row (ragged batches allowed).
+        scores: optional ``[B, Hkv, C]`` float32, updated in place: for each of the last
+            ``min(window, n)`` queries, ``+= mean over the GQA group of p[..., j] + bias * j``
+            for every slot ``j`` the query sees.
+        scale: softmax scale, default ``D ** -0.5``.
+        window: retrieval window ``w`` (number of trailing queries that score).
+        bias: attention bias ``beta`` per slot index.
+        cos, sin: optional ``[>=C, D]`` RoPE tables for rolling positions: ``q`` is rotated at
+            its slot and every key at its slot while loading.
+
+    Returns:
+        ``out`` ``[B, Hq, n, D]`` in ``q.dtype``.
+    """
+    _check_tensor("q", q, 4)
+    _check_kv(k, v)
+    B, Hq, n, D = q.shape
+    Bk, Hkv, C, Dk = k.shape
+    _check(q.dtype == k.dtype, f"q dtype {q.dtype} differs from k/v dtype {k.dtype}", TypeError)
+    _check(q.device == k.device, f"q is on {q.device} but k/v are on {k.device}")
+    _check(B == Bk, f"batch size of q ({B}) differs from k/v ({Bk})")
+    _check(D == Dk, f"head dim of q ({D}) differs from k/v ({Dk})")
+    _check(Hq % Hkv == 0, f"Hq={Hq} query heads is not a multiple of Hkv={Hkv} key/value heads")
+    _check(n >= 1, "q must hold at least one query (n >= 1)")
+    _check(n <= C, f"n={n} new tokens exceed the buffer capacity C={C}")
+    _check(q.dtype != torch.float64 or not q.is_cuda, "float64 is supported on the CPU only", TypeError)
+    _check_length(length, B, k.device)
+    if scores is not None:
+        _check_scores(scores, k)
+    _check(isinstance(window, int) and window >= 0, f"window must be a non-negative int, got {window!r}")
+    if (cos is None) != (sin is None):
+        raise ValueError("inf_mllm: cos and sin must be given together")
+    if cos is not None:
+        for name, t in (("cos", cos), ("sin", sin)):
+            _check_tensor(name, t, 2)
+            _check(t.shape[0] >= C and t.shape[1] == D, f"{name} must have shape [C, D]=[{C}, {D}] (or more rows), got {list(t.shape)}")
+            _check(t.device == k.device, f"{name} is on {t.device} but k is on {k.device}")
+            _check(t.dtype.is_floating_point, f"{name} must be floating point, got {t.dtype}", TypeError)
+        _check(D % 2 == 0, f"RoPE needs an even head dim, got D={D}")
+        cos, sin = cos.contiguous(), sin.contiguous()
+    if scale is None:
+        scale = D ** -0.5
+    if _values_checkable(length):
+        lo, hi = int(length.min()), int(length.max())
+        _check(hi <= C, f"length {hi} exceeds the buffer capacity C={C}")
+        _check(lo >= n, f"length {lo} is smaller than the number of new tokens n={n}")
+    return torch.ops.inf_mllm.attention_with_scores(
+        q.contiguous(), k, v, length, scores, float(scale), int(window), float(bias), cos, sin
+    )
+
+
+def compact_(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scores: torch.Tensor,
+    length: torch.Tensor,
+    *,
+    budget: int,
+    n_sink: int,
+    n_recent: int,
+    reset_scores: bool = True,
+    extras: Sequence[torch.Tensor] = (),
+    return_indices: bool = False,
+) -> Optional[torch.Tensor]:
+    """Evict in place down to ``budget`` slots per row over budget (SPEC §4.2).
+
+    Per row with ``length[b] > budget`` and per KV head: keep slots ``[0, n_sink)``, the last
+    ``n_recent`` valid slots, and the ``budget - n_sink - n_recent`` highest-scored slots in
+    between (ties to the lower slot), packed into ``[0, budget)`` in their original order.
+    ``extras`` (per-slot metadata ``[B, Hkv, C]``) move with their tokens. ``scores`` are zeroed
+    (``reset_scores=True``) or moved with their tokens (slots ``>= budget`` zeroed);
+    ``length[b] = budget``. Rows with ``length[b] <= budget`` are untouched.
+
+    Returns the kept slot indices ``[B, Hkv, budget]`` (int64; ``arange(budget)`` for untouched
+    rows) when ``return_indices``, else ``None``.
+    """
+    _check_kv(k, v)
+    B, Hkv, C, D = k.shape
+    _check_scores(scores, k)
+    _check_length(length, B, k.device)
+    for name, val in (("budget", budget), ("n_sink", n_sink), ("n_recent", n_recent)):
+        _check(isinstance(val, int) and not isinstance(val, bool), f"{name} must be an int, got {val!r}", TypeError)
+        _check(val >= 0, f"{name} must be >= 0, got {val}")
+    _check(budget >= n_sink + n_recent, f"budget={budget} is smaller than n_sink + n_recent = {n_sink} + {n_recent}")
+    _check(budget >= 1, "budget must be at least 1")
+    _check(budget <= C, f"budget={budget} exceeds the buffer capacity C={C}")
+    extras = list(extras)
+    for i, e in enumerate(extras):
+        _check_tensor(f"extras[{i}]", e, 3)
+        _check(tuple(e.shape) == (B, Hkv, C), f"extras[{i}] must have shape [B, Hkv, C]={[B, Hkv, C]}, got {list(e.shape)}")
+        _check(e.device == k.device, f"extras[{i}] is on {e.device} but k is on {k.device}")
+        _check(e.is_contiguous(), f"extras[{i}] must be contiguous")
+    if _values_checkable(length):
+        hi = int(length.max())
+        _check(hi <= C, f"length {hi} exceeds the buffer capacity C={C}")
+        _check(int(length.min()) >= 0, "length must be non-negative")
+    idx = torch.ops.inf_mllm.compact_(
+        k, v, scores, length, extras, int(budget), int(n_sink), int(n_recent), bool(reset_scores), bool(return_indices)
+    )
+    return idx if return_indices else None
