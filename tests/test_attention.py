@@ -333,3 +333,13 @@ def test_torch_compile(backend):
     torch.testing.assert_close(out.double(), 2 * ref, rtol=1e-5, atol=1e-5)
     assert not torch.equal(sc, scores), "the in-place score update did not happen under torch.compile"
     torch.testing.assert_close(sc.double(), ref_sc, rtol=1e-5, atol=1e-5)
+
+
+def test_bench_attention_cpu_smoke():
+    from inf_mllm.benchmarks.attention import bench_attention
+
+    rows = bench_attention("cpu", torch.float32, contexts=(32, 64), B=1, Hkv=2, G=2, D=64, n=4, window=2,
+                           warmup=1, reps=2)
+    assert len(rows) == 6
+    assert {r["impl"] for r in rows} == {"inf_mllm", "sdpa", "eager_scores"}
+    assert all(r["time_ms"] > 0 and r["gbps"] > 0 and r["kv_bytes"] == 2 * 2 * r["context"] * 64 * 4 for r in rows)
