@@ -10,7 +10,8 @@ CUDA-graph capturable and never syncs):
   ``length[b]`` (``cdiv(length, num_splits)`` rounded up to a key block), so the work is
   balanced whatever the fill level of the buffer; ``num_splits`` comes from ``B * Hkv``
   and ``C``. Stage 1 writes per-split ``(m, l, acc)`` and, for the retrieval-window rows,
-  the raw scaled logits to a float32 workspace. The reduce kernel (same grid) merges the
+  the raw scaled logits to a float32 workspace ``[B * Hkv, G * w, C]`` (window rows only;
+  equivalent to storing ``exp(s - m_split)`` and rescaling it later). The reduce kernel (same grid) merges the
   splits with the global log-sum-exp; split 0 writes ``out``, and every program turns the
   logits of its own slot slice into ``p = exp(s - lse)`` and adds
   ``mean_g p + bias * j * count_j`` into ``scores`` (each slot owned by one program: no
@@ -51,6 +52,9 @@ DECODE_MAX_ROWS = 64
 # that an element a kernel forgets to write (or a workspace entry it reads without having
 # written it) shows up as NaN.
 POISON = False
+
+# Tests only: take the GPU's low-precision matmul branch under the interpreter as well.
+_FORCE_LOWP = False
 
 _NEG = tl.constexpr(-1.0e30)  # finite "minus infinity" for running maxima: empty splits stay NaN-free
 
@@ -166,7 +170,9 @@ def _decode_stage1(
     l_i = tl.zeros([BLOCK_R], tl.float32)
     acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
     score_row = rmask & (i >= n - nw)
-    s_base = S_WS + pid_bh.to(tl.int64) * R * C
+    # workspace row of a scoring query: (g, i - (n - nw)) in a [G * nw, C] plane per KV head
+    srow = (r // n) * nw + (i - (n - nw))
+    s_base = S_WS + pid_bh.to(tl.int64) * (R // n) * nw * C
     for j0 in range(lo, hi, BLOCK_N):
         j = j0 + tl.arange(0, BLOCK_N)
         jmask = j < hi
@@ -177,7 +183,7 @@ def _decode_stage1(
         vis = (j[None, :] <= t[:, None]) & jmask[None, :] & rmask[:, None]
         s = tl.where(vis, s, float("-inf"))
         if SCORE:
-            tl.store(s_base + r[:, None] * C + j[None, :], s,
+            tl.store(s_base + srow[:, None] * C + j[None, :], s,
                      mask=score_row[:, None] & jmask[None, :])
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp(m_i - m_new)
@@ -238,14 +244,15 @@ def _decode_reduce(
         split_len = tl.cdiv(tl.cdiv(L, NS), BLOCK_N) * BLOCK_N
         lo = sid * split_len
         hi = tl.minimum(lo + split_len, L)
-        s_base = S_WS + pid_bh.to(tl.int64) * R * C
+        srow = (r // n) * nw + (i - (n - nw))
+        s_base = S_WS + pid_bh.to(tl.int64) * G * nw * C
         sc_base = SCORES + pid_bh.to(tl.int64) * C
         inv_g = 1.0 / G
         for j0 in range(lo, hi, BLOCK_N):
             j = j0 + tl.arange(0, BLOCK_N)
             jmask = j < hi
             vis = score_row[:, None] & (j[None, :] <= t[:, None]) & jmask[None, :]
-            x = tl.load(s_base + r[:, None] * C + j[None, :], mask=vis, other=float("-inf"))
+            x = tl.load(s_base + srow[:, None] * C + j[None, :], mask=vis, other=float("-inf"))
             p = tl.where(vis, tl.exp(x - lse[:, None]), 0.0)
             col = tl.sum(p, 0) * inv_g
             cnt = tl.minimum(tl.maximum(L - j, 0), nw).to(tl.float32)
@@ -393,7 +400,7 @@ def attention_with_scores_triton(
     G = Hq // Hkv
     dev = q.device
     interp = _interpreting()
-    lowp = (q.dtype != torch.float32) and not interp
+    lowp = (q.dtype != torch.float32) and (not interp or _FORCE_LOWP)
     DT = _TL_DT[q.dtype]
     score = scores is not None and window > 0
     nw = min(window, n) if score else 0
@@ -422,7 +429,7 @@ def attention_with_scores_triton(
         m_ws = _empty((B * Hkv, ns, BLOCK_R), torch.float32, dev)
         l_ws = _empty((B * Hkv, ns, BLOCK_R), torch.float32, dev)
         acc_ws = _empty((B * Hkv, ns, BLOCK_R, BLOCK_D), torch.float32, dev)
-        s_ws = _empty((B * Hkv, R, C), torch.float32, dev) if score else m_ws
+        s_ws = _empty((B * Hkv, G * nw, C), torch.float32, dev) if score else m_ws
         grid = (B * Hkv, ns)
         _decode_stage1[grid](
             q, k, v, length, cos_t, sin_t, m_ws, l_ws, acc_ws, s_ws,

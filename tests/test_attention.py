@@ -203,6 +203,14 @@ def test_triton_kernel_cpu_interpreter(case, poisoned_workspaces):
     _compare(_triton_fn(case), case, device="cpu", poison="nan")
 
 
+@pytest.mark.parametrize("case", [c for c in KERNEL_CASES if c.values[0]["dtype"] == f16])
+def test_triton_kernel_cpu_interpreter_lowp_matmuls(case, poisoned_workspaces, monkeypatch):
+    """The GPU's fp16 tensor-core branch (operands cast to fp16, fp32 accumulation) run in the
+    interpreter (its bf16 arithmetic is not faithful, so fp16 only)."""
+    monkeypatch.setattr(poisoned_workspaces, "_FORCE_LOWP", True)
+    _compare(_triton_fn(case), case, device="cpu", poison="nan")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", KERNEL_CASES)
 def test_triton_kernel_gpu(case, gpu_device, poisoned_workspaces):
