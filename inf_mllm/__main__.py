@@ -1,0 +1,7 @@
+"""``python -m inf_mllm`` == the ``inf-mllm`` console script."""
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

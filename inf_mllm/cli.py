@@ -1,0 +1,404 @@
+"""``inf-mllm`` command line: benchmarks and evaluations.
+
+    inf-mllm bench ops        operator timings (attention_with_scores, compact_) vs baselines
+    inf-mllm bench stream     decode latency and peak memory vs tokens streamed, per policy
+    inf-mllm eval ppl         streaming perplexity on long real text (Austen, KJV, --text)
+    inf-mllm eval retrieval   LongEval-style line retrieval, accuracy vs distance
+    inf-mllm eval rounds      multi-round streaming QA, accuracy per round bucket
+
+Every command prints a table and writes ``<stem>.json`` (+ PNG plots) under ``--out``
+(default ``bench/results/<device>/``).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any, Dict, List, Optional, Sequence
+
+__all__ = ["main", "build_parser"]
+
+DEFAULT_POLICIES = "full,h2o,streaming_llm,inf_mllm"
+
+
+# --------------------------------------------------------------------------------------
+# Shared options
+# --------------------------------------------------------------------------------------
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default=None, help="output directory (default bench/results/<device>/)")
+    p.add_argument("--tag", default="", help="suffix for the output file names (e.g. a sweep name)")
+    p.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda when available)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+
+
+def _add_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2",
+                   help="smollm2 (default; packaged GGUF), any name inf_mllm.models supports, a .gguf file or a local checkpoint dir")
+    p.add_argument("--dtype", default=None, help="model dtype (float32, bfloat16, float16; default: the loader's)")
+
+
+def _add_policy(p: argparse.ArgumentParser, policies: str = DEFAULT_POLICIES) -> None:
+    p.add_argument("--policies", default=policies, help=f"comma-separated policies (default {policies})")
+    p.add_argument("--budget", type=int, default=2048, help="cache budget L in slots (default 2048)")
+    p.add_argument("--n-recent", type=int, default=256, help="recent tokens kept (default 256)")
+    p.add_argument("--window", type=int, default=32, help="retrieval window w (default 32)")
+    p.add_argument("--bias", type=float, default=1e-3, help="attention bias beta (default 1e-3)")
+    p.add_argument("--n-sink", type=int, default=4, help="attention sinks (default 4)")
+    p.add_argument("--policy-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra keyword for inf_mllm.enable (repeatable)")
+    p.add_argument("--chunk", type=int, default=256, help="prefill chunk in tokens (default 256)")
+    p.add_argument("--full-past-context", action="store_true",
+                   help="keep running `full` past the model's trained context (default: stop there)")
+
+
+def _add_text(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--corpus", default="austen", choices=["austen", "kjv"],
+                   help="austen: Debian r-cran-janeaustenr; kjv: Debian bible-kjv (default austen)")
+    p.add_argument("--text", default=None, metavar="FILE", help="any UTF-8 text file instead of --corpus")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="inf-mllm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="group", required=True)
+
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="cmd", required=True)
+    p = bench.add_parser("ops", help="operator timings vs SDPA / eager / reference")
+    _add_common(p)
+    p.add_argument("--sizes", default=None,
+                   help="cache sizes C in slots, e.g. 256,1K,4K (default: 256..64K doubling on GPU, 256..8K on CPU)")
+    p.add_argument("--dtype", default=None, help="float16/bfloat16/float32 (default bfloat16 on GPU, float32 on CPU)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--heads", default="32,8", help="query heads,kv heads (default 32,8)")
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--prefill-chunk", type=int, default=256)
+    p.add_argument("--window", type=int, default=32)
+    p.add_argument("--only", choices=["attention", "compact"], default=None)
+    p.add_argument("--builtin", action="store_true", help="use the built-in timing loop even if inf_mllm.benchmarks exists")
+    p.set_defaults(func=cmd_bench_ops)
+
+    p = bench.add_parser("stream", help="decode latency and peak memory vs tokens streamed")
+    _add_common(p)
+    _add_model(p)
+    _add_policy(p)
+    p.add_argument("--max-tokens", default=None, help="longest stream (default 64K on CPU, 1M on GPU)")
+    p.add_argument("--min-tokens", default="1K", help="first checkpoint (default 1K); checkpoints double")
+    p.add_argument("--decode-steps", type=int, default=8, help="decode steps timed at each checkpoint (median)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--text", default=None, metavar="FILE", help="stream this text instead of random token ids")
+    p.set_defaults(func=cmd_bench_stream)
+
+    ev = sub.add_parser("eval", help="evaluations").add_subparsers(dest="cmd", required=True)
+    p = ev.add_parser("ppl", help="streaming perplexity on long text")
+    _add_common(p)
+    _add_model(p)
+    _add_policy(p)
+    _add_text(p)
+    p.add_argument("--max-tokens", default="64K", help="tokens of text to stream (default 64K)")
+    p.add_argument("--checkpoints", default=None, help="token counts for the table (default 4K,16K,64K,... and the end)")
+    p.add_argument("--sweep", default=None, metavar="KEY=V1,V2,...",
+                   help="sweep one policy argument over values for inf_mllm, e.g. bias=0,1e-4,1e-3,1e-2")
+    p.add_argument("--block", type=int, default=1024, help="block size for block perplexity (default 1024)")
+    p.set_defaults(func=cmd_eval_ppl)
+
+    p = ev.add_parser("retrieval", help="LongEval-style line retrieval, accuracy vs distance")
+    _add_common(p)
+    _add_model(p)
+    _add_policy(p)
+    p.add_argument("--distances", default="256,1K,2K,4K", help="token distances of the asked line from the question")
+    p.add_argument("--context", default="4K", help="record length in tokens (at least distance + 64)")
+    p.add_argument("--trials", type=int, default=5, help="questions per distance")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sweep", default=None, metavar="KEY=V1,V2,...")
+    p.set_defaults(func=cmd_eval_retrieval)
+
+    p = ev.add_parser("rounds", help="multi-round streaming QA")
+    _add_common(p)
+    _add_model(p)
+    _add_policy(p)
+    _add_text(p)
+    p.add_argument("--rounds", type=int, default=40)
+    p.add_argument("--passage-tokens", type=int, default=400, help="approximate tokens of text per round")
+    p.add_argument("--bucket", type=int, default=10, help="rounds per accuracy bucket")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sweep", default=None, metavar="KEY=V1,V2,...")
+    p.set_defaults(func=cmd_eval_rounds)
+    return ap
+
+
+# --------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------
+
+
+def _setup(args) -> str:
+    import torch
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.no_progress:
+        os.environ["TQDM_DISABLE"] = "1"
+    dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if dev.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("inf-mllm: --device cuda but no CUDA device is available")
+    return dev
+
+
+def _out_path(args, device: str, stem: str, ext: str) -> str:
+    from .results import default_out_dir
+
+    out = args.out or default_out_dir(device)
+    os.makedirs(out, exist_ok=True)
+    tag = f"_{args.tag}" if args.tag else ""
+    return os.path.join(out, f"{stem}{tag}.{ext}")
+
+
+def _policy_args(args) -> Dict[str, Any]:
+    from .evals.engine import parse_policy_args
+
+    d = {"budget": args.budget, "n_recent": args.n_recent, "window": args.window, "bias": args.bias, "n_sink": args.n_sink}
+    d.update(parse_policy_args(args.policy_arg))
+    return d
+
+
+def _policies(args) -> List[str]:
+    return [p.strip() for p in args.policies.split(",") if p.strip()]
+
+
+def _load(args, device):
+    from .evals.engine import load_bundle
+
+    print(f"inf-mllm: loading model {args.model} on {device} ...", file=sys.stderr, flush=True)
+    return load_bundle(args.model, device=device, dtype=args.dtype)
+
+
+def _finish(args, device, kind, payload, *, model=None, policy=None, notes=(), columns=None, title=""):
+    from .results import make_meta, print_table, write_json
+
+    meta = make_meta(f"{args.group} {args.cmd}", device=device, model=model, policy=policy, argv=args._argv,
+                     args={k: v for k, v in vars(args).items() if k not in ("func", "_argv")}, notes=list(notes) + list(payload.get("notes", [])))
+    payload = dict(payload, kind=kind, meta=meta)
+    table = print_table(payload["rows"], columns=columns, title=title)
+    payload["table"] = table
+    for n in meta["notes"]:
+        print(f"note: {n}")
+    path = write_json(_out_path(args, device, kind, "json"), payload)
+    print(f"wrote {path}")
+    return path
+
+
+def _cols(rows, first: Sequence[str], skip: Sequence[str] = ("args",)) -> List[str]:
+    cols = list(first)
+    for r in rows:
+        for k in r:
+            if k not in cols and k not in skip:
+                cols.append(k)
+    return cols
+
+
+# --------------------------------------------------------------------------------------
+# Commands
+# --------------------------------------------------------------------------------------
+
+
+def cmd_bench_ops(args) -> int:
+    import torch
+
+    from .evals.common import doubling, parse_int_list
+    from .evals.ops_bench import run_ops_bench
+    from .results import plot_lines
+
+    dev = _setup(args)
+    cuda = dev.startswith("cuda")
+    notes = []
+    sizes = parse_int_list(args.sizes)
+    if sizes is None:
+        sizes = doubling(256, 65536 if cuda else 8192)
+        if not cuda:
+            notes.append("CPU run: default cache sizes stop at 8K slots (64K on GPU)")
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if cuda else torch.float32)
+    Hq, Hkv = (int(x) for x in args.heads.split(","))
+    which = [args.only] if args.only else ["attention", "compact"]
+    res = run_ops_bench(sizes=sizes, device=dev, dtype=dtype, B=args.batch, Hq=Hq, Hkv=Hkv, D=args.head_dim,
+                        prefill_chunk=args.prefill_chunk, window=args.window, which=which, builtin=args.builtin)
+    bw = res["copy_bandwidth"]
+    notes.append(f"measured device copy bandwidth: {bw['GBps']:.1f} GB/s (read+write, {bw['bytes'] >> 20} MiB copy)")
+    notes += [f"{k}: {v}" for k, v in res["sources"].items()]
+    # plot: GB/s vs C per (op, mode, impl)
+    series = {}
+    for r in res["rows"]:
+        if r.get("GBps") is None:
+            continue
+        key = f"{r['op']} {r.get('mode', '')} {r.get('impl', '')}".strip()
+        xs, ys = series.setdefault(key, ([], []))
+        xs.append(r["C"])
+        ys.append(r["median_ms"])
+    if series:
+        plot_lines(_out_path(args, dev, "bench_ops", "png"), series, xlabel="cache size C (slots)", ylabel="median time (ms)",
+                   title=f"operators, {res['shape']}", logx=True, logy=True)
+    cols = ["op", "mode", "C", "impl", "median_ms", "GBps"] + (["frac_copy_bw"] if cuda else [])
+    _finish(args, dev, "bench_ops", res, notes=notes, columns=cols,
+            title=f"bench ops on {dev} ({res['shape']['dtype']})")
+    return 0
+
+
+def cmd_bench_stream(args) -> int:
+    import torch
+
+    from .evals.common import doubling, parse_size
+    from .evals.stream_bench import run_stream_bench
+    from .results import plot_lines
+
+    dev = _setup(args)
+    cuda = dev.startswith("cuda")
+    notes = []
+    max_tokens = parse_size(args.max_tokens) if args.max_tokens else (1 << 20 if cuda else 1 << 16)
+    if not args.max_tokens and not cuda:
+        notes.append("CPU run: default --max-tokens 64K (1M on GPU)")
+    checkpoints = doubling(parse_size(args.min_tokens), max_tokens)
+    bundle = _load(args, dev)
+    text_ids = None
+    if args.text:
+        from .evals.ppl import tokenize_text
+        from .data import load_corpus
+
+        text_ids = tokenize_text(bundle.tokenizer, load_corpus(text_file=args.text), max_tokens)
+    pol_args = _policy_args(args)
+    res = run_stream_bench(bundle, policies=_policies(args), policy_args=pol_args, checkpoints=checkpoints,
+                           chunk=args.chunk, decode_steps=args.decode_steps, seed=args.seed, text_ids=text_ids,
+                           full_past_context=args.full_past_context)
+    notes.append(f"stream source: {res['source']}; prefill chunk {args.chunk}; {args.decode_steps} decode steps timed per checkpoint")
+    if not cuda:
+        notes.append("CPU: memory is the cache's tensor bytes (cache_MiB) and the process RSS (rss_MiB)")
+    for r in res["rows"]:
+        if r.get("status", "ok") != "ok":
+            notes.append(f"{r['policy']}: {r['status']} at {r['tokens']} tokens")
+    ser = res["series"]
+    lat = {p: (s["tokens"], s["latency_ms"]) for p, s in ser.items()}
+    plot_lines(_out_path(args, dev, "bench_stream_latency", "png"), lat, xlabel="tokens streamed", ylabel="decode latency (ms/token)",
+               title=f"{bundle.name}: decode latency, budget {pol_args['budget']}", logx=True)
+    memkey = "peak_MiB" if cuda else "cache_MiB"
+    mem = {p: (s["tokens"], s[memkey]) for p, s in ser.items()}
+    plot_lines(_out_path(args, dev, "bench_stream_memory", "png"), mem, xlabel="tokens streamed",
+               ylabel="peak CUDA memory (MiB)" if cuda else "KV cache (MiB)",
+               title=f"{bundle.name}: memory, budget {pol_args['budget']}", logx=True, logy=True)
+    if not cuda:
+        rss = {p: (s["tokens"], s["rss_MiB"]) for p, s in ser.items()}
+        plot_lines(_out_path(args, dev, "bench_stream_rss", "png"), rss, xlabel="tokens streamed", ylabel="process RSS (MiB)",
+                   title=f"{bundle.name}: process RSS (one process, policies run in sequence)", logx=True)
+    cols = ["policy", "tokens", "latency_ms", "cache_slots", "cache_MiB"] + (["peak_MiB"] if cuda else ["rss_MiB"]) + ["status"]
+    _finish(args, dev, "bench_stream", res, model=bundle.info, policy=pol_args, notes=notes, columns=cols,
+            title=f"bench stream: {bundle.name} on {dev}")
+    return 0
+
+
+def _load_text(args) -> str:
+    from .data import CorpusUnavailable, load_corpus
+
+    try:
+        return load_corpus(args.corpus, text_file=args.text)
+    except CorpusUnavailable as e:
+        raise SystemExit(f"inf-mllm: corpus unavailable:\n{e}")
+
+
+def cmd_eval_ppl(args) -> int:
+    import math
+
+    from .evals.common import fmt_tokens, parse_int_list, parse_size, parse_sweep
+    from .evals.ppl import run_ppl
+    from .results import plot_lines
+
+    dev = _setup(args)
+    text = _load_text(args)
+    bundle = _load(args, dev)
+    pol_args = _policy_args(args)
+    sweep = parse_sweep(args.sweep)
+    res = run_ppl(bundle, text, policies=_policies(args), policy_args=pol_args, max_tokens=parse_size(args.max_tokens),
+                  chunk=args.chunk, checkpoints=parse_int_list(args.checkpoints), sweep=sweep, block=args.block,
+                  full_past_context=args.full_past_context)
+    curves = {k: (v["tokens"], v["log_ppl"]) for k, v in res["curves"].items()}
+    src = os.path.basename(args.text) if args.text else args.corpus
+    plot_lines(_out_path(args, dev, "eval_ppl", "png"), curves, xlabel="tokens streamed", ylabel="running log-perplexity (nat)",
+               title=f"{bundle.name} on {src}, budget {pol_args['budget']}", logx=True, markers=False)
+    cols = ["policy", "tokens"] + [f"ppl@{fmt_tokens(c)}" for c in res["checkpoints"]] + \
+        [f"block_ppl@{fmt_tokens(res['checkpoints'][-1])}", "cache_slots", "cache_MiB", "tok_per_s", "status"]
+    res["text"] = {"source": args.text or args.corpus, "tokens": res["tokens"]}
+    _finish(args, dev, "eval_ppl", res, model=bundle.info, policy=dict(pol_args, sweep=args.sweep), columns=cols,
+            title=f"eval ppl: {bundle.name} on {src} ({res['tokens']} tokens), budget {pol_args['budget']}")
+    return 0
+
+
+def cmd_eval_retrieval(args) -> int:
+    from .evals.common import fmt_tokens, parse_int_list, parse_size, parse_sweep
+    from .evals.retrieval import run_retrieval
+    from .results import plot_lines
+
+    dev = _setup(args)
+    bundle = _load(args, dev)
+    pol_args = _policy_args(args)
+    distances = parse_int_list(args.distances)
+    res = run_retrieval(bundle, policies=_policies(args), policy_args=pol_args, distances=distances,
+                        context=parse_size(args.context), trials=args.trials, seed=args.seed, chunk=args.chunk,
+                        sweep=parse_sweep(args.sweep), full_past_context=args.full_past_context)
+    series = {}
+    for r in res["rows"]:
+        ys = [r.get(f"acc@{fmt_tokens(d)}") for d in distances]
+        if any(y is not None for y in ys):
+            series[r["policy"]] = (distances, ys)
+    plot_lines(_out_path(args, dev, "eval_retrieval", "png"), series, xlabel="distance of the asked line (tokens)",
+               ylabel="accuracy", title=f"{bundle.name}: line retrieval, budget {pol_args['budget']}", logx=True)
+    cols = ["policy"] + [f"acc@{fmt_tokens(d)}" for d in distances] + ["acc", "n", "status"]
+    _finish(args, dev, "eval_retrieval", res, model=bundle.info, policy=dict(pol_args, sweep=args.sweep), columns=cols,
+            title=f"eval retrieval: {bundle.name}, context >= {args.context} tokens, {args.trials} per distance")
+    return 0
+
+
+def cmd_eval_rounds(args) -> int:
+    from .evals.common import parse_sweep
+    from .evals.rounds import run_rounds
+    from .results import plot_lines
+
+    dev = _setup(args)
+    text = _load_text(args)
+    bundle = _load(args, dev)
+    pol_args = _policy_args(args)
+    res = run_rounds(bundle, text, policies=_policies(args), policy_args=pol_args, rounds=args.rounds,
+                     passage_tokens=args.passage_tokens, seed=args.seed, chunk=args.chunk, bucket=args.bucket,
+                     sweep=parse_sweep(args.sweep), full_past_context=args.full_past_context)
+    acc, mem = {}, {}
+    for label, recs in res["per_round"].items():
+        if not recs:
+            continue
+        xs = [r["round"] for r in recs]
+        # running accuracy over the last `bucket` rounds
+        ys = []
+        for i in range(len(recs)):
+            w = recs[max(0, i - args.bucket + 1): i + 1]
+            ys.append(sum(r["correct"] for r in w) / len(w))
+        acc[label] = (xs, ys)
+        mem[label] = (xs, [r["cache_bytes"] / 2**20 for r in recs])
+    plot_lines(_out_path(args, dev, "eval_rounds_acc", "png"), acc, xlabel="round",
+               ylabel=f"accuracy (last {args.bucket} rounds)", title=f"{bundle.name}: multi-round QA, budget {pol_args['budget']}")
+    plot_lines(_out_path(args, dev, "eval_rounds_mem", "png"), mem, xlabel="round", ylabel="KV cache (MiB)",
+               title=f"{bundle.name}: cache memory per round", logy=True)
+    rows = res["rows"]
+    cols = _cols(rows, ["policy", "rounds", "tokens"], skip=("args", "seconds"))
+    cols = [c for c in cols if c != "status"] + ["status"]
+    _finish(args, dev, "eval_rounds", res, model=bundle.info, policy=dict(pol_args, sweep=args.sweep), columns=cols,
+            title=f"eval rounds: {bundle.name}, {args.rounds} rounds of ~{args.passage_tokens} tokens")
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    args._argv = ["inf-mllm"] + list(sys.argv[1:] if argv is None else argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
