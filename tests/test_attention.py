@@ -29,7 +29,8 @@ def _rope_tables(C: int, D: int, dtype=torch.float32):
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-def make_inputs(B, Hkv, G, D, n, C, lens, dtype, rope=False, with_scores=True, poison="nan", seed=0, device="cpu"):
+def make_inputs(B, Hkv, G, D, n, C, lens, dtype, rope=False, with_scores=True, poison="nan", seed=0, device="cpu",
+                rope_dtype=torch.float32):
     """Random inputs (never zeros). Slots >= length are poisoned in k and v: ``nan`` or a huge
     finite value; a kernel that reads them produces NaN/garbage."""
     gen = torch.Generator().manual_seed(seed)
@@ -45,7 +46,7 @@ def make_inputs(B, Hkv, G, D, n, C, lens, dtype, rope=False, with_scores=True, p
     scores = torch.rand(B, Hkv, C, generator=gen) + 0.5 if with_scores else None
     cos = sin = None
     if rope:
-        cos, sin = _rope_tables(C + 3, D)  # more rows than C is allowed
+        cos, sin = _rope_tables(C + 3, D, rope_dtype)  # more rows than C is allowed
     mv = lambda t: None if t is None else t.to(device)  # noqa: E731
     return mv(q), mv(k), mv(v), mv(length), mv(scores), mv(cos), mv(sin)
 
@@ -80,7 +81,8 @@ def _compare(fn, case, device="cpu", poison="nan"):
         case[k] for k in ("B", "Hkv", "G", "D", "n", "C", "lens", "window", "bias", "rope", "scores", "dtype")
     )
     q, k, v, length, scores, cos, sin = make_inputs(
-        B, Hkv, G, D, n, C, lens, dtype, rope=rope, with_scores=with_scores, poison=poison, device=device
+        B, Hkv, G, D, n, C, lens, dtype, rope=rope, with_scores=with_scores, poison=poison, device=device,
+        rope_dtype=case.get("rope_dtype", torch.float32),
     )
     # gold reference in float64 on the clean (un-poisoned beyond length) view: the reference only
     # reads slots < length, so the poison does not reach it either.
@@ -101,11 +103,11 @@ def _compare(fn, case, device="cpu", poison="nan"):
 
 
 def _case(B=2, Hkv=2, G=1, D=64, n=1, C=160, lens=None, window=32, bias=1e-3, rope=True, scores=True,
-          dtype=torch.float32, path=None, num_splits=None, id=""):
+          dtype=torch.float32, path=None, num_splits=None, rope_dtype=torch.float32, id=""):
     if lens is None:
         lens = [C, max(n, C // 2 - 7)][:B] + [C - 3] * max(0, B - 2)
     return pytest.param(dict(B=B, Hkv=Hkv, G=G, D=D, n=n, C=C, lens=lens, window=window, bias=bias, rope=rope,
-                             scores=scores, dtype=dtype, path=path, num_splits=num_splits), id=id)
+                             scores=scores, dtype=dtype, path=path, num_splits=num_splits, rope_dtype=rope_dtype), id=id)
 
 
 f32, f16, bf16 = torch.float32, torch.float16, torch.bfloat16
@@ -130,8 +132,8 @@ KERNEL_CASES = [
     _case(B=3, G=4, D=128, n=16, C=96, dtype=f32, window=4, bias=1e-2, path="decode", num_splits=2,
           lens=[96, 16, 50], id="dec-gqa4-n16-forced-ragged3"),
     # head dim not a power of two (padded with masks), several query blocks in prefill
-    _case(G=3, D=96, n=1, C=200, dtype=f16, window=32, num_splits=2, id="dec-gqa3-d96-rope"),
-    _case(B=2, G=3, D=96, n=150, C=256, dtype=f32, window=20, bias=1e-3, lens=[256, 151],
+    _case(G=3, D=96, n=1, C=200, dtype=f16, window=32, num_splits=2, rope_dtype=bf16, id="dec-gqa3-d96-rope-bf16tables"),
+    _case(B=2, G=3, D=96, n=150, C=256, dtype=f32, window=20, bias=1e-3, lens=[256, 151], rope_dtype=torch.float64,
           id="pre-gqa3-d96-n150-2mblocks"),
 ]
 
@@ -231,6 +233,39 @@ def test_triton_kernel_gpu_large(case, gpu_device, poisoned_workspaces):
 def test_public_op_gpu_dispatches_to_triton(gpu_device):
     case = _case(G=3, D=64, n=5, dtype=bf16).values[0]
     _compare(_op, case, device=gpu_device, poison="nan")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n", [1, 64])
+def test_cuda_graph_capture(gpu_device, n):
+    """No host reads of length: the op captures in a CUDA graph and replays with new lengths."""
+    q, k, v, length, scores, cos, sin = make_inputs(2, 2, 4, 128, n, 512, [512, 300], bf16, rope=True,
+                                                    poison="huge", device=gpu_device)
+    s0 = scores.clone()
+
+    def call():
+        return ops.attention_with_scores(q, k, v, length, scores, window=8, bias=1e-3, cos=cos, sin=sin)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        call()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = call()
+    for lens in ([400, 77], [512, 512]):
+        length.copy_(torch.tensor(lens, dtype=torch.int32))
+        q.normal_()
+        scores.copy_(s0)
+        graph.replay()
+        torch.cuda.synchronize()
+        sc_ref = s0.double().cpu().clone()
+        ref = attention_with_scores_ref(q.double().cpu(), k.double().cpu(), v.double().cpu(), length.cpu(), sc_ref,
+                                        scale=128 ** -0.5, window=8, bias=1e-3, cos=cos.double().cpu(),
+                                        sin=sin.double().cpu())
+        torch.testing.assert_close(out.double().cpu(), ref, rtol=0, atol=3e-2)
+        torch.testing.assert_close(scores.double().cpu(), sc_ref, rtol=1e-4, atol=1e-3)
 
 
 def test_triton_decode_splits_agree():
