@@ -160,6 +160,8 @@ def _decode_stage1(
     # q[b, h*G + g, i, :] sits at row (b*Hkv + h)*G*n + r of the [B*Hq*n, D] view
     q_base = Q + pid_bh.to(tl.int64) * R * HEAD_DIM
     q = _load_rows(q_base, r * HEAD_DIM, t, rmask, COS, SIN, d, HEAD_DIM, HALF, HAS_ROPE)
+    if LOWP:
+        q = q.to(DT)  # once, outside the key loop
 
     kv_base = pid_bh.to(tl.int64) * C * HEAD_DIM
     split_len = tl.cdiv(tl.cdiv(L, NS), BLOCK_N) * BLOCK_N
@@ -286,6 +288,8 @@ def _prefill_fwd(
     t = L - n + i
     q_base = Q + pid_bq.to(tl.int64) * n * HEAD_DIM
     q = _load_rows(q_base, i * HEAD_DIM, t, imask, COS, SIN, d, HEAD_DIM, HALF, HAS_ROPE)
+    if LOWP:
+        q = q.to(DT)  # once, outside the key loop
 
     kv_base = (b * (Hq // G) + h).to(tl.int64) * C * HEAD_DIM
     hi = tl.minimum(L - n + tl.minimum(pid_m * BLOCK_M + BLOCK_M, n), L)  # last visible slot + 1
@@ -337,6 +341,8 @@ def _prefill_scores(
         jmask = j < L
         kv_base = pid_bh.to(tl.int64) * C * HEAD_DIM
         k = _load_rows(K + kv_base, j * HEAD_DIM, j, jmask, COS, SIN, d, HEAD_DIM, HALF, HAS_ROPE)
+        if LOWP:
+            k = k.to(DT)
         col = tl.zeros([BLOCK_N], tl.float32)
         R = G * nw
         # the G*n query rows of this KV head start at row pid_bh*G*n of the [B*Hq*n, D] view
@@ -425,7 +431,7 @@ def attention_with_scores_triton(
         else:
             BLOCK_N = 64 if BLOCK_R * BLOCK_D <= 64 * 64 else 32
         ns = num_splits or choose_num_splits(B * Hkv, C, BLOCK_N, dev)
-        num_warps = 4
+        num_warps = 8 if BLOCK_R >= 64 and BLOCK_D >= 128 else 4
         m_ws = _empty((B * Hkv, ns, BLOCK_R), torch.float32, dev)
         l_ws = _empty((B * Hkv, ns, BLOCK_R), torch.float32, dev)
         acc_ws = _empty((B * Hkv, ns, BLOCK_R, BLOCK_D), torch.float32, dev)
