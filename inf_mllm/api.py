@@ -1,0 +1,40 @@
+"""``inf_mllm.enable``: one line to stream a transformers model in a fixed-size cache."""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+from . import attention  # noqa: F401  (registers the "inf_mllm" attention)
+from ._compat import set_attn_implementation, unsupported_reason
+from .cache import ATTN_IMPL, StreamingCache
+from .policies import Policy, make_policy
+
+
+def enable(
+    model,
+    policy: Union[str, Policy] = "inf_mllm",
+    *,
+    budget: Optional[int] = None,
+    n_recent: Optional[int] = None,
+    window: Optional[int] = None,
+    bias: Optional[float] = None,
+    n_sink: Optional[int] = None,
+    chunk: int = 512,
+    **policy_args,
+) -> StreamingCache:
+    """Switch ``model`` to the ``"inf_mllm"`` attention and return a fresh :class:`StreamingCache`.
+
+    Arguments left ``None`` take the policy's defaults (SPEC §5). Raises ``ValueError`` /
+    ``TypeError`` at once for bad arguments and unsupported models, naming the reason.
+
+    Use: ``model.generate(ids, past_key_values=cache, ...)`` or ``model(ids, past_key_values=cache)``.
+    """
+    args = dict(budget=budget, n_recent=n_recent, window=window, bias=bias, n_sink=n_sink, **policy_args)
+    args = {k: v for k, v in args.items() if v is not None}
+    pol = policy if isinstance(policy, Policy) else make_policy(policy, chunk=chunk, **args)
+    if isinstance(policy, Policy) and args:
+        raise TypeError("inf_mllm: pass policy arguments either to the Policy object or to enable(), not both")
+    reason = unsupported_reason(model, pol.rolling)
+    if reason is not None:
+        raise ValueError(f"inf_mllm: unsupported model: {reason}")
+    set_attn_implementation(model, ATTN_IMPL)
+    return StreamingCache(model, pol)

@@ -1,0 +1,45 @@
+"""``snapkv`` (Li et al. 2024): keep the observation window (last ``window`` prompt tokens) and
+the top ``budget - window`` prompt tokens by the attention of the window's queries, smoothed by
+1-D max pooling (kernel 7); compress once at the end of prefill; original positions.
+Decode-phase overflow: see :mod:`inf_mllm.policies._once`.
+"""
+import torch.nn.functional as F
+
+from ._once import CompressOncePolicy
+from .base import register_policy
+
+
+@register_policy
+class SnapKVPolicy(CompressOncePolicy):
+    name = "snapkv"
+    defaults = dict(budget=2048, n_sink=0, n_recent=None, window=32, bias=0.0, kernel=7)
+
+    @staticmethod
+    def default_n_recent(params):
+        return params.get("window") or 0
+
+    def validate(self):
+        if self.n_sink:
+            raise ValueError("inf_mllm: policy 'snapkv' keeps no sinks (n_sink must be 0)")
+        k = self.params["kernel"]
+        if not isinstance(k, int) or k < 1 or k % 2 == 0:
+            raise ValueError(f"inf_mllm: snapkv kernel must be an odd int >= 1, got {k!r}")
+        if self.window < 1:
+            raise ValueError(f"inf_mllm: policy 'snapkv' needs window >= 1, got {self.window}")
+
+    def before_attention(self, layer, n, phase):
+        if phase == "prefill":
+            layer.scores.zero_()  # only the last prompt chunk's window queries count
+        super().before_attention(layer, n, phase)
+
+    def prefill_score_window(self, layer, n):
+        return self.window
+
+    def compress(self, layer):
+        k = self.params["kernel"]
+        Lmax = layer.max_length()
+        s = layer.scores[:, :, :Lmax]
+        B, H, T = s.shape
+        pooled = F.max_pool1d(s.reshape(B * H, 1, T), kernel_size=k, stride=1, padding=k // 2).view(B, H, T)
+        s.copy_(pooled)
+        layer.compact(self.budget, 0, self.n_recent, reset_scores=False)

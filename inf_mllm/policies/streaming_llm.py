@@ -1,0 +1,17 @@
+"""``streaming_llm`` (Xiao et al. 2023): ``n_sink`` attention sinks + the last ``budget - n_sink``
+tokens, rolling positions; evicts whenever over budget."""
+from .base import ROLLING, Policy, register_policy
+
+
+@register_policy
+class StreamingLLMPolicy(Policy):
+    name = "streaming_llm"
+    positions = ROLLING
+    defaults = dict(budget=2048, n_sink=4, n_recent=None, window=0, bias=0.0)
+
+    def evict(self, layer):
+        layer.compact(self.budget, self.n_sink, self.budget - self.n_sink, reset_scores=True)
+
+    def after_attention(self, layer, n, phase):
+        if layer.max_length() > self.budget:
+            self.evict(layer)

@@ -1,0 +1,20 @@
+"""``window``: the last ``budget`` tokens, rolling positions; evicts whenever over budget."""
+from .base import ROLLING, Policy, register_policy
+
+
+@register_policy
+class WindowPolicy(Policy):
+    name = "window"
+    positions = ROLLING
+    defaults = dict(budget=2048, n_sink=0, n_recent=None, window=0, bias=0.0)
+
+    def validate(self):
+        if self.n_sink:
+            raise ValueError("inf_mllm: policy 'window' keeps no sinks (n_sink must be 0); use 'streaming_llm'")
+
+    def evict(self, layer):
+        layer.compact(self.budget, 0, self.budget, reset_scores=True)
+
+    def after_attention(self, layer, n, phase):
+        if layer.max_length() > self.budget:
+            self.evict(layer)
