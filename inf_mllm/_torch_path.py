@@ -35,8 +35,13 @@ def attention_with_scores_torch(
     cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
     Lmax = int(length.max())
     length = length.to(torch.long)
+    j = torch.arange(Lmax, device=q.device)
     kk = k[:, :, :Lmax].to(cdt)
     vv = v[:, :, :Lmax].to(cdt)
+    if int(length.min()) < Lmax:
+        # ragged rows: slots past a row's length may hold anything (even NaN); a masked
+        # weight of 0 times NaN is NaN, so clear them (logits are masked to -inf below)
+        vv = vv.masked_fill((j[None, :] >= length[:, None])[:, None, :, None], 0)
     slots = length[:, None] - n + torch.arange(n, device=q.device)  # [B, n] slot of each query
     qq = q.to(cdt)
     if cos is not None:
@@ -45,7 +50,6 @@ def attention_with_scores_torch(
         qq = apply_rope(qq, cq, sq)
         kk = apply_rope(kk, cos[:Lmax].to(cdt), sin[:Lmax].to(cdt))
     qq = qq.reshape(B, Hkv, G * n, D)  # the G heads of a KV head share one matmul
-    j = torch.arange(Lmax, device=q.device)
     # keep[b, i, j]: slot j is visible to query i of row b (causal, and never past length)
     visible = j[None, None, :] <= slots[:, :, None]  # [B, n, Lmax]
     out = torch.empty(B, Hkv, G * n, D, dtype=cdt, device=q.device)
