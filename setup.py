@@ -112,7 +112,9 @@ class cmake_build_ext(build_ext):
                     "TORCH_CUDA_ARCH_LIST", ";".join(f"{a[:-1]}.{a[-1]}" for a in archs.split(";") if a.isdigit())
                 )
                 cuda_home = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
-                args.append(f"-DCUDAToolkit_ROOT={cuda_home}")
+                # Torch's config finds CUDA with FindCUDA (CUDA_TOOLKIT_ROOT_DIR) and then
+                # CUDAToolkit; point both at the toolkit of this nvcc.
+                args += [f"-DCUDAToolkit_ROOT={cuda_home}", f"-DCUDA_TOOLKIT_ROOT_DIR={cuda_home}"]
             else:
                 print("inf_mllm: torch has CUDA but nvcc was not found; building the CPU kernels only", file=sys.stderr)
         args.append(f"-DINF_MLLM_WITH_CUDA={'ON' if with_cuda else 'OFF'}")
