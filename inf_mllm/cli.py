@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sizes", default=None,
                    help="cache sizes C in slots, e.g. 256,1K,4K (default: 256..64K doubling on GPU, 256..8K on CPU)")
     p.add_argument("--dtype", default=None, help="float16/bfloat16/float32 (default bfloat16 on GPU, float32 on CPU)")
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--batch", type=int, default=None, help="batch rows B (default 8 on GPU, 1 on CPU)")
     p.add_argument("--heads", default="32,8", help="query heads,kv heads (default 32,8)")
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--prefill-chunk", type=int, default=256)
@@ -223,7 +223,8 @@ def cmd_bench_ops(args) -> int:
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if cuda else torch.float32)
     Hq, Hkv = (int(x) for x in args.heads.split(","))
     which = [args.only] if args.only else ["attention", "compact"]
-    res = run_ops_bench(sizes=sizes, device=dev, dtype=dtype, B=args.batch, Hq=Hq, Hkv=Hkv, D=args.head_dim,
+    batch = args.batch or (8 if cuda else 1)
+    res = run_ops_bench(sizes=sizes, device=dev, dtype=dtype, B=batch, Hq=Hq, Hkv=Hkv, D=args.head_dim,
                         prefill_chunk=args.prefill_chunk, window=args.window, which=which, builtin=args.builtin)
     bw = res["copy_bandwidth"]
     notes.append(f"measured device copy bandwidth: {bw['GBps']:.1f} GB/s (read+write, {bw['bytes'] >> 20} MiB copy)")

@@ -256,9 +256,32 @@ def is_oom(e: BaseException) -> bool:
 
 
 def _has_api() -> bool:
-    import inf_mllm
+    try:
+        import inf_mllm
 
-    return hasattr(inf_mllm, "enable")
+        return callable(getattr(inf_mllm, "enable", None))
+    except Exception:  # noqa: BLE001  (a half-installed API counts as absent)
+        return False
+
+
+# Which of the CLI's policy arguments each policy takes (the others keep the policy's own,
+# published defaults: e.g. H2O splits its budget half heavy hitters / half recent, and keeps
+# no sinks). Extra ``--policy-arg`` keys are passed to every policy but ``full``.
+POLICY_KEYS = {
+    "full": (),
+    "window": ("budget",),
+    "streaming_llm": ("budget", "n_sink"),
+    "h2o": ("budget",),
+    "snapkv": ("budget",),
+    "look_m": ("budget",),
+    "inf_mllm": ("budget", "n_recent", "window", "bias", "n_sink"),
+}
+CLI_KEYS = ("budget", "n_recent", "window", "bias", "n_sink")
+
+
+def policy_kwargs(policy: str, args: Dict[str, Any]) -> Dict[str, Any]:
+    keys = POLICY_KEYS.get(policy, CLI_KEYS)
+    return {k: v for k, v in args.items() if (k in keys) or (k not in CLI_KEYS and policy != "full")}
 
 
 class PolicyRunner:
@@ -272,7 +295,7 @@ class PolicyRunner:
         self.bundle = bundle
         self.model = bundle.model
         self.policy = policy
-        self.policy_args = dict(policy_args or {})
+        self.policy_args = policy_kwargs(policy, dict(policy_args or {}))
         self.chunk = int(chunk)
         self.device = bundle.device
         self.backend = None
@@ -281,7 +304,11 @@ class PolicyRunner:
 
         if _has_api():
             self.backend = "inf_mllm"
-            self._api_stream = getattr(inf_mllm, "stream", None)
+            st = getattr(inf_mllm, "stream", None)
+            # once the submodule inf_mllm.stream is imported, the package attribute is the module
+            if st is not None and not callable(st):
+                st = getattr(st, "stream", None)
+            self._api_stream = st
         elif policy == "full":
             self.backend = "hf-dynamic"
         else:
@@ -297,12 +324,28 @@ class PolicyRunner:
             return DynamicCache(config=self.model.config)
         import inf_mllm
 
-        args = dict(self.policy_args)
-        if self.policy == "full":
-            args = {k: v for k, v in args.items() if k not in ("budget", "n_recent", "window", "bias", "n_sink")}
-        return inf_mllm.enable(self.model, policy=self.policy, **args)
+        cache = inf_mllm.enable(self.model, policy=self.policy, chunk=self.chunk, **self.policy_args)
+        pol = getattr(cache, "policy", None)
+        if pol is not None and getattr(pol, "params", None) is not None:
+            self.effective_args = dict(pol.params, chunk=getattr(pol, "chunk", self.chunk))
+        return cache
+
+    effective_args: Optional[Dict[str, Any]] = None
+
+    def _stats(self, cache) -> Optional[Dict[str, Any]]:
+        f = getattr(cache, "stats", None)
+        if callable(f):
+            try:
+                return f()
+            except Exception:  # noqa: BLE001
+                return None
+        return None
 
     def cache_len(self, cache) -> int:
+        """Slots the cache holds now (summed over batch rows)."""
+        st = self._stats(cache)
+        if st and "slots_used" in st:
+            return int(st["slots_used"])
         for attr in ("get_seq_length", "seq_length", "__len__"):
             f = getattr(cache, attr, None)
             if callable(f):
@@ -313,6 +356,10 @@ class PolicyRunner:
         return -1
 
     def cache_bytes(self, cache) -> int:
+        """Bytes of the cache's buffers."""
+        st = self._stats(cache)
+        if st and "cache_bytes" in st:
+            return int(st["cache_bytes"])
         for attr in ("nbytes", "memory_bytes", "cache_bytes"):
             f = getattr(cache, attr, None)
             if f is not None:
@@ -352,6 +399,22 @@ class PolicyRunner:
         n = ids.shape[1]
         nll = torch.full((n,), float("nan"), dtype=torch.float32) if want_nll else None
         last = prev_logits
+        if self._api_stream is not None:
+            for s in range(0, n, chunk):
+                piece = ids[:, s: s + chunk]
+                m = piece.shape[1]
+                if want_nll:
+                    logits, part = self._api_stream(self.model, input_ids=piece, cache=cache, chunk=chunk, return_nll=True)
+                    if m > 1:
+                        nll[s + 1: s + m] = part[0].float().cpu()
+                    if last is not None:
+                        nll[s] = -torch.log_softmax(last.float(), -1)[piece[0, 0]].cpu()
+                else:
+                    logits = self._api_stream(self.model, input_ids=piece, cache=cache, chunk=chunk)
+                last = logits[0].float()
+                if progress is not None:
+                    progress.update(m)
+            return nll, last
         for s in range(0, n, chunk):
             piece = ids[:, s: s + chunk]
             logits = self._forward(piece, cache, all_logits=want_nll)[0].float()  # [m or 1, V]

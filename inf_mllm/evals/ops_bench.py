@@ -80,7 +80,8 @@ def _call(fn: Callable, **kw):
     sig = inspect.signature(fn)
     params = sig.parameters
     has_var = any(p.kind is p.VAR_KEYWORD for p in params.values())
-    aliases = {"sizes": ["sizes", "cache_sizes", "capacities", "Cs", "C", "lengths"]}
+    aliases = {"sizes": ["sizes", "contexts", "cache_sizes", "capacities", "Cs", "C", "lengths"],
+               "contexts": ["contexts", "sizes", "cache_sizes"]}
     out = {}
     for k, v in kw.items():
         for name in aliases.get(k, [k]):
@@ -189,6 +190,36 @@ def _compact_rows(sizes, device, dtype, B, Hkv, D, progress_bar) -> List[Dict[st
     return rows
 
 
+def _normalise(r: Dict[str, Any], op: str, mode: Optional[str]) -> Dict[str, Any]:
+    """Map a row of the kernel engineers' benchmarks onto this table's columns."""
+    r = dict(r)
+    r["op"] = op
+    if mode is not None:
+        r.setdefault("mode", mode)
+    elif "mode" not in r:
+        r["mode"] = f"L={r['budget']}" if "budget" in r else ""
+    for k in ("C", "context", "capacity", "size", "L"):
+        if k in r:
+            r.setdefault("C", r[k])
+            break
+    if "median_ms" not in r:
+        for k, f in (("time_ms", 1.0), ("ms", 1.0), ("median_s", 1e3), ("time_s", 1e3), ("median_us", 1e-3), ("time_us", 1e-3)):
+            if r.get(k) is not None:
+                r["median_ms"] = r[k] * f
+                break
+    if "bytes" not in r:
+        for k in ("io_bytes", "bytes_moved", "kv_bytes"):
+            if r.get(k) is not None:
+                r["bytes"] = r[k]
+                break
+    if "GBps" not in r:
+        for k in ("gbps", "GB/s", "gb_s"):
+            if r.get(k) is not None:
+                r["GBps"] = r[k]
+                break
+    return r
+
+
 # --------------------------------------------------------------------------------------
 
 
@@ -210,13 +241,15 @@ def run_ops_bench(
     bw = copy_bandwidth(device)
     rows: List[Dict[str, Any]] = []
     sources = {}
-    common = dict(sizes=list(sizes), device=device, dtype=dtype, B=B, Hq=Hq, Hkv=Hkv, D=D,
-                  prefill_chunk=prefill_chunk, window=window)
     if "attention" in which:
         fn = None if builtin else _external("inf_mllm.benchmarks.attention", "bench_attention")
         if fn is not None:
             sources["attention"] = "inf_mllm.benchmarks.attention.bench_attention"
-            rows += [dict(r, op=r.get("op", "attention")) for r in _call(fn, **common)]
+            reps = {} if cuda else {"warmup": 2, "reps": 5}
+            for mode, n in (("decode", 1), ("prefill", prefill_chunk)):
+                got = _call(fn, device=device, dtype=dtype, contexts=list(sizes), B=B, Hkv=Hkv, G=Hq // Hkv, D=D, n=n,
+                            window=window, **reps)
+                rows += [_normalise(r, "attention", mode) for r in got]
         else:
             sources["attention"] = "built-in (inf_mllm.evals.ops_bench)"
             bar = progress(2 * len(sizes), "bench attention", unit="cfg")
@@ -226,7 +259,9 @@ def run_ops_bench(
         fn = None if builtin else _external("inf_mllm.benchmarks.compact", "bench_compact")
         if fn is not None:
             sources["compact"] = "inf_mllm.benchmarks.compact.bench_compact"
-            rows += [dict(r, op=r.get("op", "compact_")) for r in _call(fn, **{k: v for k, v in common.items() if k not in ("Hq", "prefill_chunk", "window")})]
+            reps = {} if cuda else {"warmup": 2, "reps": 5}
+            got = _call(fn, device=device, dtype=dtype, sizes=list(sizes), B=B, Hkv=Hkv, D=D, **reps)
+            rows += [_normalise(r, "compact_", None) for r in got]
         else:
             sources["compact"] = "built-in (inf_mllm.evals.ops_bench)"
             bar = progress(len(sizes), "bench compact_", unit="cfg")

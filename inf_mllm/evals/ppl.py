@@ -105,7 +105,7 @@ def run_ppl(
         row["tok_per_s"] = limit / elapsed if elapsed > 0 else None
         row["cache_slots"] = cache_len
         row["cache_MiB"] = cache_bytes / 2**20
-        row["args"] = args if policy != "full" else {}
+        row["args"] = runner.effective_args or runner.policy_args
         rows.append(row)
         # running log-perplexity curve, subsampled on a log grid
         m = running.numel()

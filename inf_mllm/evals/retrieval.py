@@ -145,7 +145,7 @@ def run_retrieval(
         row["n"] = len(allv)
         row["status"] = "; ".join(f"d={fmt_tokens(d)}: {s}" for d, s in skipped.items()) or "ok"
         row["seconds"] = time.perf_counter() - t0
-        row["args"] = args if policy != "full" else {}
+        row["args"] = runner.effective_args or runner.policy_args
         rows.append(row)
         free_memory(bundle.device)
     return {"rows": rows, "details": details, "distances": list(distances), "context": context,

@@ -149,7 +149,7 @@ def run_rounds(
         row["cache_MiB_max"] = max(r["cache_bytes"] for r in recs) / 2**20 if recs else None
         row["status"] = status
         row["seconds"] = time.perf_counter() - t0
-        row["args"] = args if policy != "full" else {}
+        row["args"] = runner.effective_args or runner.policy_args
         rows.append(row)
     return {"rows": rows, "per_round": per_round, "rounds": rounds, "passage_tokens": passage_tokens,
             "bucket": bucket, "seed": seed, "total_tokens": total_tokens, "notes": notes}

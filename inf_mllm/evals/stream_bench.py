@@ -60,7 +60,7 @@ def run_stream_bench(
         ser = {"tokens": [], "latency_ms": [], "peak_MiB": [], "cache_MiB": [], "rss_MiB": [], "cache_slots": []}
         bar = progress(n_max, f"stream {policy}")
         for c in checkpoints:
-            if policy == "full" and max_ctx and c > max_ctx and not full_past_context:
+            if policy == "full" and max_ctx and c + decode_steps > max_ctx and not full_past_context:
                 rows.append({"policy": policy, "tokens": c, "status": f"past trained context ({max_ctx})"})
                 break
             if cuda:
