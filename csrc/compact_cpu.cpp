@@ -13,14 +13,29 @@
 namespace inf_mllm {
 namespace {
 
-// Moves row keep[i] -> row i for i in [first, n) in a [C, row_bytes] plane. keep is strictly
-// increasing with keep[i] >= i, so the destination of every copy lies at or before its source
-// and never at a later step's source: a single forward pass is safe in place.
-inline void move_rows(char* base, int64_t row_bytes, const int64_t* keep, int64_t first, int64_t n) {
-  for (int64_t i = first; i < n; ++i) {
-    const int64_t src = keep[i];
-    if (src != i) std::memcpy(base + i * row_bytes, base + src * row_bytes, static_cast<size_t>(row_bytes));
+// A run of kept slots that are contiguous both at the source and at the destination.
+struct Run {
+  int64_t dst, src, n;
+};
+
+// Splits keep[first, budget) into maximal runs with keep[i + 1] == keep[i] + 1.
+inline void make_runs(const int64_t* keep, int64_t first, int64_t budget, std::vector<Run>& runs) {
+  runs.clear();
+  for (int64_t i = first; i < budget;) {
+    int64_t j = i + 1;
+    while (j < budget && keep[j] == keep[i] + (j - i)) ++j;
+    if (keep[i] != i) runs.push_back({i, keep[i], j - i});
+    i = j;
   }
+}
+
+// Moves rows keep[i] -> i in a [C, row_bytes] plane, run by run in increasing order. keep is
+// strictly increasing with keep[i] >= i, so a destination never lies after its source and
+// never at a source of a later run (those are >= their own destinations > this run's):
+// a forward pass of memmoves (a run may overlap itself) is safe in place.
+inline void move_runs(char* base, int64_t row_bytes, const std::vector<Run>& runs) {
+  for (const Run& r : runs)
+    std::memmove(base + r.dst * row_bytes, base + r.src * row_bytes, static_cast<size_t>(r.n * row_bytes));
 }
 
 }  // namespace
@@ -57,6 +72,7 @@ at::Tensor compact_cpu(at::Tensor& k, at::Tensor& v, at::Tensor& scores, at::Ten
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
     std::vector<int64_t> keep(static_cast<size_t>(budget));
     std::vector<uint64_t> cand;
+    std::vector<Run> runs;
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / H;
       const int64_t len = L[b];
@@ -89,11 +105,12 @@ at::Tensor compact_cpu(at::Tensor& k, at::Tensor& v, at::Tensor& scores, at::Ten
         const int64_t m = (first + top) / 2;
         if (keep[m] == m) first = m + 1; else top = m;
       }
-      for (const Plane& p : planes) move_rows(p.base + bh * C * p.row_bytes, p.row_bytes, keep.data(), first, budget);
+      make_runs(keep.data(), first, budget, runs);
+      for (const Plane& p : planes) move_runs(p.base + bh * C * p.row_bytes, p.row_bytes, runs);
       if (reset_scores) {
         std::memset(s, 0, sizeof(float) * static_cast<size_t>(C));
       } else {
-        move_rows(reinterpret_cast<char*>(s), sizeof(float), keep.data(), first, budget);
+        move_runs(reinterpret_cast<char*>(s), sizeof(float), runs);
         std::memset(s + budget, 0, sizeof(float) * static_cast<size_t>(C - budget));
       }
       if (out) std::copy(keep.begin(), keep.end(), out);

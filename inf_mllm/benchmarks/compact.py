@@ -8,7 +8,7 @@ Two implementations on the same random inputs (never zeros):
 
 compact_ works in place, so every timed run starts from the same pristine inputs copied into
 the working buffers first; only the operator call is timed (CUDA events on the GPU,
-``time.perf_counter`` on the CPU). Rows report the median time, the bytes the compaction
+``time.perf_counter`` on the CPU). Rows report the median time, the fastest run, the bytes the compaction
 must move (read + write of every kept slot that changes place, over k, v, the extras and the
 scores, from the kept indices) and the achieved bandwidth on them.
 
@@ -28,8 +28,8 @@ from ..reference import compact_ref_
 __all__ = ["bench_compact"]
 
 
-def _median_ms(run, restore, device: torch.device, warmup: int, reps: int) -> float:
-    """Median time of ``run()`` in ms, calling ``restore()`` (untimed) before every call."""
+def _times_ms(run, restore, device: torch.device, warmup: int, reps: int) -> List[float]:
+    """Times of ``reps`` calls of ``run()`` in ms, calling ``restore()`` (untimed) before each."""
     for _ in range(warmup):
         restore()
         run()
@@ -50,7 +50,7 @@ def _median_ms(run, restore, device: torch.device, warmup: int, reps: int) -> fl
             t0 = time.perf_counter()
             run()
             times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return times
 
 
 def bench_compact(
@@ -129,7 +129,8 @@ def bench_compact(
                                  return_indices=return_indices, **kw)
             else:
                 raise ValueError(f"unknown impl {impl!r}")
-            ms = _median_ms(run, restore, device, warmup, reps)
+            times = _times_ms(run, restore, device, warmup, reps)
+            ms = statistics.median(times)
             rows.append(
                 dict(
                     op="compact_",
@@ -142,6 +143,7 @@ def bench_compact(
                     reset_scores=reset_scores,
                     extras=[str(dt).replace("torch.", "") for dt in extras],
                     time_ms=ms,
+                    min_ms=min(times),
                     moved_slots=moved_slots,
                     bytes=moved_bytes,
                     gbps=moved_bytes / (ms * 1e-3) / 1e9,
