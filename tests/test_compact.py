@@ -332,7 +332,8 @@ def test_opcheck(device, return_indices):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_torch_compile(device):
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_torch_compile(device, backend):
     torch._dynamo.reset()
 
     def step(k, v, scores, length, tag):
@@ -340,7 +341,7 @@ def test_torch_compile(device):
                            extras=[tag], return_indices=True)
         return idx + 0, scores.sum()
 
-    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    compiled = torch.compile(step, backend=backend, fullgraph=True)
     inputs = make_inputs(2, 2, 96, 32, [96, 70], torch.bfloat16, device, extras=("int32",))
     a = _clone(*inputs)
     r = _clone(*inputs)
