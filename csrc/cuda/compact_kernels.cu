@@ -8,7 +8,8 @@
 //     walks the middle in slot order with block-wide ballot scans, keeping every key above
 //     the threshold and the first `need` keys equal to it (ties go to the lower slot).
 //     The kept list goes to idx[b, h, :budget]; the row's scores are zeroed or moved.
-//     Works for any C (the scores stay in global memory / L2; 5 passes over the middle).
+//     The keys are cached in shared memory when C of them fit (C <= ~56K on H100), so global
+//     memory is read once; beyond that every pass re-reads the scores (from L2), any C works.
 //  2. compact_move_kernel, grid (row*head, work item). A work item is one plane (k, v or an
 //     extra) and a column chunk of its per-slot bytes, so a (row, head) is moved by several
 //     blocks in parallel (columns are independent). Each block walks the kept slots in tiles:
@@ -64,7 +65,9 @@ __device__ __forceinline__ int block_excl_count(bool pred, int* warp_counts, int
   return before + in_warp;
 }
 
-template <int BLOCK>
+// CACHE: the middle's keys are kept in dynamic shared memory (>= C uint32) after the first
+// radix pass, so the later passes and the compaction do not re-read global memory.
+template <int BLOCK, bool CACHE>
 __global__ void __launch_bounds__(BLOCK) compact_select_kernel(float* __restrict__ scores, const int32_t* __restrict__ length,
                                                                int64_t* __restrict__ idx, int H, int C, int budget, int n_sink,
                                                                int n_recent, bool reset_scores) {
@@ -81,6 +84,7 @@ __global__ void __launch_bounds__(BLOCK) compact_select_kernel(float* __restrict
   const int n_mid = budget - n_sink - n_recent;
   const int lo = n_sink, hi = L - n_recent;  // middle [lo, hi) holds more than n_mid slots
 
+  extern __shared__ unsigned cached_keys[];  // [hi - lo] when CACHE
   __shared__ unsigned hist[256];
   __shared__ int warp_counts[BLOCK / 32];
   __shared__ unsigned s_digit;
@@ -96,9 +100,17 @@ __global__ void __launch_bounds__(BLOCK) compact_select_kernel(float* __restrict
     for (int shift = 24; shift >= 0; shift -= 8) {
       for (int i = threadIdx.x; i < 256; i += BLOCK) hist[i] = 0u;
       __syncthreads();
-      for (int i = lo + threadIdx.x; i < hi; i += BLOCK) {
-        const unsigned key = score_key(s[i]);
-        if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & 255u], 1u);
+      if (CACHE && shift == 24) {
+        for (int i = lo + threadIdx.x; i < hi; i += BLOCK) {
+          const unsigned key = score_key(s[i]);
+          cached_keys[i - lo] = key;
+          atomicAdd(&hist[key >> 24], 1u);
+        }
+      } else {
+        for (int i = lo + threadIdx.x; i < hi; i += BLOCK) {
+          const unsigned key = CACHE ? cached_keys[i - lo] : score_key(s[i]);
+          if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & 255u], 1u);
+        }
       }
       __syncthreads();
       if (threadIdx.x < 32) {
@@ -148,7 +160,7 @@ __global__ void __launch_bounds__(BLOCK) compact_select_kernel(float* __restrict
     for (int base = lo; base < hi && sel_base < n_mid; base += BLOCK) {
       const int i = base + threadIdx.x;
       const bool valid = i < hi;
-      const unsigned key = valid ? score_key(s[i]) : 0u;
+      const unsigned key = valid ? (CACHE ? cached_keys[i - lo] : score_key(s[i])) : 0u;
       const bool gt = valid && key > thr;
       const bool eq = valid && key == thr;
       int eq_total, sel_total;
@@ -271,8 +283,25 @@ __global__ void __launch_bounds__(kMoveThreads) compact_move_kernel(const int64_
 cudaError_t launch_compact_select(float* scores, const int32_t* length, int64_t* idx, int B, int H, int C, int budget,
                                   int n_sink, int n_recent, bool reset_scores, cudaStream_t stream) {
   if (B <= 0 || H <= 0 || budget <= 0) return cudaSuccess;
-  compact_select_kernel<kSelectThreads><<<dim3(B * H), dim3(kSelectThreads), 0, stream>>>(
-      scores, length, idx, H, C, budget, n_sink, n_recent, reset_scores);
+  // Cache the keys in shared memory when C of them fit (opt-in limit of the device).
+  int dev = 0, smem_optin = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+  if (err != cudaSuccess) return err;
+  const size_t static_smem = 2048;  // hist, warp counts, scalars (upper bound)
+  const size_t cache_bytes = static_cast<size_t>(C) * sizeof(unsigned);
+  if (cache_bytes + static_smem <= static_cast<size_t>(smem_optin)) {
+    auto kernel = compact_select_kernel<kSelectThreads, true>;
+    if (cache_bytes > 48 * 1024) {
+      err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(cache_bytes));
+      if (err != cudaSuccess) return err;
+    }
+    kernel<<<dim3(B * H), dim3(kSelectThreads), cache_bytes, stream>>>(scores, length, idx, H, C, budget, n_sink,
+                                                                       n_recent, reset_scores);
+  } else {
+    compact_select_kernel<kSelectThreads, false><<<dim3(B * H), dim3(kSelectThreads), 0, stream>>>(
+        scores, length, idx, H, C, budget, n_sink, n_recent, reset_scores);
+  }
   return cudaGetLastError();
 }
 
