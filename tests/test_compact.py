@@ -358,7 +358,8 @@ def test_torch_compile(device, backend):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("C,budget,levels", [(65536, 32768, None), (70000, 4096, 3), (20000, 19999, None)])
+# 40000: keys cached in opt-in shared memory (> 48 KiB); 65536 / 70000: too many keys to cache
+@pytest.mark.parametrize("C,budget,levels", [(40000, 20000, None), (65536, 32768, None), (70000, 4096, 3), (20000, 19999, None)])
 def test_large_capacity(gpu_device, C, budget, levels):
     inputs = make_inputs(1, 2, C, 64, [C], torch.bfloat16, gpu_device, extras=("int8",), score_levels=levels)
     _, got, idx, exp, ref_idx = run_both(inputs, budget, 4, 256, True)

@@ -100,17 +100,23 @@ __global__ void __launch_bounds__(BLOCK) compact_select_kernel(float* __restrict
     for (int shift = 24; shift >= 0; shift -= 8) {
       for (int i = threadIdx.x; i < 256; i += BLOCK) hist[i] = 0u;
       __syncthreads();
-      if (CACHE && shift == 24) {
-        for (int i = lo + threadIdx.x; i < hi; i += BLOCK) {
-          const unsigned key = score_key(s[i]);
-          cached_keys[i - lo] = key;
-          atomicAdd(&hist[key >> 24], 1u);
+      // Warp-uniform loop; lanes with the same bin add once (scores often share top bytes,
+      // which would serialise plain shared-memory atomics on a few bins).
+      for (int base = lo; base < hi; base += BLOCK) {
+        const int i = base + threadIdx.x;
+        unsigned bin = 256u;  // no bin
+        if (i < hi) {
+          unsigned key;
+          if (CACHE && shift == 24) {
+            key = score_key(s[i]);
+            cached_keys[i - lo] = key;
+          } else {
+            key = CACHE ? cached_keys[i - lo] : score_key(s[i]);
+          }
+          if ((key & mask) == prefix) bin = (key >> shift) & 255u;
         }
-      } else {
-        for (int i = lo + threadIdx.x; i < hi; i += BLOCK) {
-          const unsigned key = CACHE ? cached_keys[i - lo] : score_key(s[i]);
-          if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & 255u], 1u);
-        }
+        const unsigned peers = __match_any_sync(0xffffffffu, bin);
+        if (bin < 256u && (threadIdx.x & 31) == __ffs(peers) - 1) atomicAdd(&hist[bin], __popc(peers));
       }
       __syncthreads();
       if (threadIdx.x < 32) {
