@@ -10,11 +10,20 @@ from typing import Optional
 
 import torch
 
-from .reference import apply_rope
 
 # Above this many logits per call the query dimension is processed in blocks, so a long
 # prefill chunk does not materialise a huge [B, Hq, n, L] float32 tensor.
 _MAX_LOGITS = 1 << 26
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``x * cos + rotate_half(x) * sin`` in three passes and one allocation (the obvious
+    form with ``cat``/``neg`` makes six temporaries the size of ``x``)."""
+    h = x.shape[-1] // 2
+    out = x * cos
+    out[..., :h].addcmul_(x[..., h:], sin[..., :h], value=-1)
+    out[..., h:].addcmul_(x[..., :h], sin[..., h:])
+    return out
 
 
 def attention_with_scores_torch(
@@ -47,8 +56,8 @@ def attention_with_scores_torch(
     if cos is not None:
         cq = cos.to(cdt)[slots][:, None]  # [B, 1, n, D]
         sq = sin.to(cdt)[slots][:, None]
-        qq = apply_rope(qq, cq, sq)
-        kk = apply_rope(kk, cos[:Lmax].to(cdt), sin[:Lmax].to(cdt))
+        qq = _rope(qq, cq, sq)
+        kk = _rope(kk, cos[:Lmax].to(cdt), sin[:Lmax].to(cdt))
     qq = qq.reshape(B, Hkv, G * n, D)  # the G heads of a KV head share one matmul
     # keep[b, i, j]: slot j is visible to query i of row b (causal, and never past length)
     visible = j[None, None, :] <= slots[:, :, None]  # [B, n, Lmax]
