@@ -22,7 +22,9 @@ from inf_mllm.evals import engine  # noqa: E402
 
 HAS_API = engine._has_api()
 POLICIES = engine.POLICIES if HAS_API else ["full"]
-SMALL = ["--model", "tiny-random", "--budget", "256", "--n-recent", "32", "--chunk", "64", "--no-progress",
+# one thread: tiny matmuls gain nothing from more, and on a shared CI machine OpenMP threads
+# spinning against other processes made these tests ~3x slower
+SMALL = ["--model", "tiny-random", "--budget", "256", "--n-recent", "32", "--chunk", "64", "--no-progress", "--threads", "1",
          "--policies", ",".join(POLICIES)]
 
 TEXT = (
@@ -41,7 +43,15 @@ def text_file(tmp_path_factory):
 
 
 def _run(args, out):
-    rc = cli.main(list(args) + ["--out", str(out)])
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        if "--threads" not in args:
+            args = list(args) + ["--threads", "1"]
+        rc = cli.main(list(args) + ["--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)  # leave the rest of the test session as it was
     assert rc == 0
 
 

@@ -255,12 +255,39 @@ def is_oom(e: BaseException) -> bool:
     return "out of memory" in str(e).lower()
 
 
+def _api():
+    """``(enable, stream)`` of the streaming API, or ``None`` when it is absent.
+
+    Imported from their modules directly (not through the package's lazy attributes), so it
+    also works when ``inf_mllm`` resolves as a namespace package (a broken editable install).
+    """
+    import importlib
+
+    try:
+        importlib.import_module("inf_mllm.ops")
+        enable = importlib.import_module("inf_mllm.api").enable
+    except ImportError as e:
+        if "inf_mllm.api" in str(e) or getattr(e, "name", "") == "inf_mllm.api":
+            return None
+        raise
+    stream = None
+    for mod in ("inf_mllm.streaming", "inf_mllm.stream"):
+        try:
+            stream = importlib.import_module(mod).stream
+            break
+        except (ImportError, AttributeError):
+            continue
+    return enable, stream
+
+
 def _has_api() -> bool:
     try:
-        import inf_mllm
+        return _api() is not None
+    except Exception as e:  # noqa: BLE001  (a broken API counts as absent, loudly)
+        import warnings
 
-        return callable(getattr(inf_mllm, "enable", None))
-    except Exception:  # noqa: BLE001  (a half-installed API counts as absent)
+        warnings.warn(f"inf_mllm.enable could not be imported ({type(e).__name__}: {e}); only `full` (HF DynamicCache) runs",
+                      RuntimeWarning, stacklevel=2)
         return False
 
 
@@ -300,15 +327,10 @@ class PolicyRunner:
         self.device = bundle.device
         self.backend = None
         self._api_stream = None
-        import inf_mllm
-
+        self._api_enable = None
         if _has_api():
             self.backend = "inf_mllm"
-            st = getattr(inf_mllm, "stream", None)
-            # once the submodule inf_mllm.stream is imported, the package attribute is the module
-            if st is not None and not callable(st):
-                st = getattr(st, "stream", None)
-            self._api_stream = st
+            self._api_enable, self._api_stream = _api()
         elif policy == "full":
             self.backend = "hf-dynamic"
         else:
@@ -322,9 +344,7 @@ class PolicyRunner:
             from transformers import DynamicCache
 
             return DynamicCache(config=self.model.config)
-        import inf_mllm
-
-        cache = inf_mllm.enable(self.model, policy=self.policy, chunk=self.chunk, **self.policy_args)
+        cache = self._api_enable(self.model, policy=self.policy, chunk=self.chunk, **self.policy_args)
         pol = getattr(cache, "policy", None)
         if pol is not None and getattr(pol, "params", None) is not None:
             self.effective_args = dict(pol.params, chunk=getattr(pol, "chunk", self.chunk))
