@@ -103,8 +103,6 @@ def unsupported_reason(model, rolling: bool) -> Optional[str]:
     name = f"{type(model).__name__} (model_type={getattr(cfg, 'model_type', '?')!r})"
     if getattr(model.config, "is_encoder_decoder", False):
         return f"{name} is an encoder-decoder model; inf_mllm supports decoder-only models"
-    if find_rotary(model) is None:
-        return f"{name} has no RoPE rotary embedding (inf_mllm needs a decoder-only model with RoPE attention)"
     layer_types = getattr(cfg, "layer_types", None)
     if layer_types is not None:
         other = sorted({t for t in layer_types if t != "full_attention"})
@@ -118,6 +116,8 @@ def unsupported_reason(model, rolling: bool) -> Optional[str]:
         return f"{name} uses sliding-window attention (sliding_window={sw}); inf_mllm supports full-attention layers only"
     if getattr(cfg, "attention_chunk_size", None) is not None:
         return f"{name} uses chunked attention; inf_mllm supports full-attention layers only"
+    if find_rotary(model) is None:
+        return f"{name} has no RoPE rotary embedding (inf_mllm needs a decoder-only model with RoPE attention)"
     for attr in ("kv_lora_rank", "q_lora_rank"):
         if getattr(cfg, attr, None):
             return f"{name} uses a compressed (MLA) KV cache layout ({attr}); inf_mllm needs plain [B, Hkv, T, D] keys/values"

@@ -104,15 +104,26 @@ class StreamingLayer(CacheLayerMixin):
     def max_length(self) -> int:
         return max(self.len_host) if self.len_host else 0
 
-    def compact(self, budget: int, n_sink: int, n_recent: int, reset_scores: bool = True) -> None:
-        """``ops.compact_`` on this layer (rows over ``budget`` only); metadata moves along."""
-        if self.max_length() <= budget:
+    def compact(self, budget: int, n_sink: int, n_recent: int, reset_scores: bool = True, rows=None) -> None:
+        """``ops.compact_`` on ``rows`` (default all) of this layer; rows under budget are untouched;
+        metadata moves along."""
+        B = len(self.len_host)
+        rows = range(B) if rows is None else rows
+        rows = [b for b in rows if self.len_host[b] > budget]
+        if not rows:
             return
-        ops.compact_(
-            self.k, self.v, self.scores, self.length, budget=budget, n_sink=n_sink, n_recent=n_recent,
-            reset_scores=reset_scores, extras=(self.modality, self.position),
-        )
-        self.len_host = [min(x, budget) for x in self.len_host]
+        over_all = [b for b in range(B) if self.len_host[b] > budget]
+        if rows == over_all:
+            groups = [slice(0, B)]  # one call: compact_ skips rows under budget itself
+        else:
+            groups = [slice(b, b + 1) for b in rows]
+        for g in groups:
+            ops.compact_(
+                self.k[g], self.v[g], self.scores[g], self.length[g], budget=budget, n_sink=n_sink,
+                n_recent=n_recent, reset_scores=reset_scores, extras=(self.modality[g], self.position[g]),
+            )
+        for b in rows:
+            self.len_host[b] = budget
         self.n_evictions += 1
 
     # ---- transformers API --------------------------------------------------------------
@@ -194,70 +205,73 @@ class StreamingLayer(CacheLayerMixin):
             kn = _unrotate(kn, cos, sin)
             cos_t, sin_t = cache._slot_table(query.device)
         phase = "prefill" if n > 1 else "decode"
-        pol.before_attention(self, n, phase)
-        out = torch.zeros_like(query) if real is not None else torch.empty_like(query)
-        i = 0
-        while i < n:
-            room = self.C - self.max_length()
-            if room <= 0:
-                pol.make_room(self, n - i)
-                room = self.C - self.max_length()
-                if room <= 0:
-                    raise RuntimeError(f"inf_mllm: policy {pol.name!r} could not make room in the cache (C={self.C})")
-            m = min(n - i, room)
-            sl = slice(i, i + m)
-            self._write_and_attend(
-                query[:, :, sl], kn[:, :, sl], vn[:, :, sl], None if real is None else real[:, sl],
-                out[:, :, sl], scaling, cos_t, sin_t, m, phase,
-            )
-            pol.after_attention(self, m, phase)
-            i += m
+        B = query.shape[0]
+        if real is None:
+            out = torch.empty_like(query)
+            self._run(range(B), query, kn, vn, None, out, scaling, cos_t, sin_t, phase)
+        else:
+            out = torch.zeros_like(query)
+            for b in range(B):  # padded rows: each row alone, pads stripped
+                idx = real[b].nonzero().squeeze(1)
+                if idx.numel():
+                    self._run([b], query, kn, vn, idx, out, scaling, cos_t, sin_t, phase)
         return out
 
-    def _write_and_attend(self, q, kn, vn, real, out, scaling, cos_t, sin_t, m, phase):
+    def _run(self, rows, q, kn, vn, idx, out, scaling, cos_t, sin_t, phase):
+        """Write + attend the new tokens of ``rows`` in sub-chunks that fit, with the policy hooks.
+
+        ``rows`` is all rows (``idx is None``) or one row whose real tokens are ``idx``.
+        """
+        pol = self.cache.policy
+        rows = list(rows)
+        n = q.shape[2] if idx is None else int(idx.numel())
+        pol.before_attention(self, n, phase, rows)
+        i = 0
+        while i < n:
+            full = [b for b in rows if self.len_host[b] >= self.C]
+            if full:
+                pol.make_room(self, n - i, full)
+            room = self.C - max(self.len_host[b] for b in rows)
+            if room <= 0:
+                raise RuntimeError(f"inf_mllm: policy {pol.name!r} could not make room in the cache (C={self.C})")
+            m = min(n - i, room)
+            if idx is None:
+                sl = slice(i, i + m)
+                self._write_and_attend(q[:, :, sl], kn[:, :, sl], vn[:, :, sl], out[:, :, sl], scaling, cos_t, sin_t, m, phase)
+            else:
+                b = rows[0]
+                j = idx[i : i + m]
+                sb = slice(b, b + 1)
+                res = torch.empty_like(q[sb, :, j])
+                self._write_and_attend(q[sb, :, j], kn[sb, :, j], vn[sb, :, j], res, scaling, cos_t, sin_t, m, phase, row=b)
+                out[b, :, j] = res[0]
+            pol.after_attention(self, m, phase, rows)
+            i += m
+
+    def _write_and_attend(self, q, kn, vn, out, scaling, cos_t, sin_t, m, phase, row=None):
         cache, pol = self.cache, self.cache.policy
         w = pol.score_window(self, m, phase)
-        scores = self.scores if w > 0 else None
         bias = pol.score_bias(self, phase) if w > 0 else 0.0
-        code = cache._modality
-        if real is None:
-            B = q.shape[0]
-            ar = torch.arange(m, device=q.device)
-            slots = self.length.long()[:, None] + ar  # [B, m]
-            bidx = torch.arange(B, device=q.device)[:, None]
-            self.k[bidx, :, slots] = kn.permute(0, 2, 1, 3)
-            self.v[bidx, :, slots] = vn.permute(0, 2, 1, 3)
-            self.position[bidx, :, slots] = (self.row_pos[:, None] + ar).to(torch.int32)[:, :, None]
-            self.modality[bidx, :, slots] = code
-            self.row_pos += m
-            self.length += m
-            self.len_host = [x + m for x in self.len_host]
-            out.copy_(
-                ops.attention_with_scores(
-                    q, self.k, self.v, self.length, scores, scale=scaling, window=w, bias=bias, cos=cos_t, sin=sin_t
-                )
+        g = slice(None) if row is None else slice(row, row + 1)
+        k, v, length, scores = self.k[g], self.v[g], self.length[g], self.scores[g]
+        B = q.shape[0]
+        ar = torch.arange(m, device=q.device)
+        slots = length.long()[:, None] + ar  # [B, m]
+        bidx = torch.arange(B, device=q.device)[:, None]
+        k[bidx, :, slots] = kn.permute(0, 2, 1, 3)
+        v[bidx, :, slots] = vn.permute(0, 2, 1, 3)
+        rp = self.row_pos[g]
+        self.position[g][bidx, :, slots] = (rp[:, None] + ar).to(torch.int32)[:, :, None]
+        self.modality[g][bidx, :, slots] = cache._modality
+        rp += m
+        length += m
+        for b in range(len(self.len_host)) if row is None else (row,):
+            self.len_host[b] += m
+        out.copy_(
+            ops.attention_with_scores(
+                q, k, v, length, scores if w > 0 else None, scale=scaling, window=w, bias=bias, cos=cos_t, sin=sin_t
             )
-            return
-        for b in range(q.shape[0]):  # padded rows: each row alone, pads stripped
-            idx = real[b].nonzero().squeeze(1)
-            r = int(idx.numel())
-            if r == 0:
-                continue
-            L0 = self.len_host[b]
-            self.k[b, :, L0 : L0 + r] = kn[b, :, idx]
-            self.v[b, :, L0 : L0 + r] = vn[b, :, idx]
-            p0 = int(self.row_pos[b])
-            self.position[b, :, L0 : L0 + r] = torch.arange(p0, p0 + r, device=q.device, dtype=torch.int32)
-            self.modality[b, :, L0 : L0 + r] = code
-            self.row_pos[b] += r
-            self.length[b] += r
-            self.len_host[b] += r
-            sb = slice(b, b + 1)
-            res = ops.attention_with_scores(
-                q[sb, :, idx], self.k[sb], self.v[sb], self.length[sb],
-                None if scores is None else scores[sb], scale=scaling, window=w, bias=bias, cos=cos_t, sin=sin_t,
-            )
-            out[b, :, idx] = res[0]
+        )
 
 
 class StreamingCache(Cache):

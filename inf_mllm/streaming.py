@@ -50,6 +50,40 @@ def stream(
         raise ValueError(f"inf_mllm: chunk must be >= 1, got {chunk}")
     chunk = min(chunk, slack) if not cache.policy.grows else chunk
     device = next(model.parameters()).device
+    if attention_mask is not None and not bool(attention_mask.all()):
+        if return_nll:
+            raise ValueError("inf_mllm: return_nll is not supported with a padded attention_mask; stream rows one by one")
+        if tuple(attention_mask.shape) != (B, T):
+            raise ValueError(f"inf_mllm: attention_mask must have shape {(B, T)}, got {tuple(attention_mask.shape)}")
+        # Re-chunk per row so that every row sees the same chunk boundaries as when streamed alone:
+        # row b's real tokens are cut in chunks from its start; rows with fewer chunks start later,
+        # a partial last chunk is left-padded, so all rows end together on the last column.
+        x_src = input_ids if input_ids is not None else inputs_embeds
+        real = [attention_mask[b].bool().nonzero().squeeze(1) for b in range(B)]
+        chunk_ = min(chunk if chunk is not None else cache.policy.slack, cache.policy.slack)
+        n_chunks = [-(-int(r.numel()) // chunk_) for r in real]
+        K = max(n_chunks)
+        new_x = x_src.new_zeros((B, K * chunk_) + tuple(x_src.shape[2:]))
+        new_m = torch.zeros(B, K * chunk_, dtype=torch.long, device=attention_mask.device)
+        for b in range(B):
+            r = real[b]
+            n_b = int(r.numel())
+            first = K - n_chunks[b]
+            for c in range(n_chunks[b]):
+                piece = r[c * chunk_ : (c + 1) * chunk_]
+                end = (first + c + 1) * chunk_
+                new_x[b, end - piece.numel() : end] = x_src[b, piece]
+                new_m[b, end - piece.numel() : end] = 1
+        if input_ids is not None:
+            input_ids = new_x
+        else:
+            inputs_embeds = new_x
+        attention_mask = new_m
+        x = new_x
+        T = x.shape[1]
+        chunk = chunk_
+    elif attention_mask is not None:
+        attention_mask = None
     if attention_mask is not None:
         if tuple(attention_mask.shape) != (B, T):
             raise ValueError(f"inf_mllm: attention_mask must have shape {(B, T)}, got {tuple(attention_mask.shape)}")

@@ -21,7 +21,7 @@ class CompressOncePolicy(Policy):
     def prefill_score_window(self, layer, n: int) -> int:
         raise NotImplementedError
 
-    def compress(self, layer) -> None:
+    def compress(self, layer, rows) -> None:
         raise NotImplementedError
 
     def score_window(self, layer, n, phase):
@@ -29,21 +29,25 @@ class CompressOncePolicy(Policy):
             return self.prefill_score_window(layer, n)
         return n
 
-    def before_attention(self, layer, n, phase):
-        st = layer.state
+    def before_attention(self, layer, n, phase, rows):
+        pending = layer.state.setdefault("pending", set())
         if phase == "prefill":
-            st["pending"] = True
-        elif st.get("pending"):
-            st["pending"] = False
-            if layer.max_length() > self.budget:
-                self.compress(layer)
+            pending.update(rows)
+            return
+        todo = [b for b in rows if b in pending]
+        pending.difference_update(todo)
+        todo = self.over_budget(layer, todo)
+        if todo:
+            self.compress(layer, todo)
 
-    def make_room(self, layer, n):
-        st = layer.state
-        if st.get("pending"):
-            self.compress(layer)  # prompt longer than the buffer: compress now with what we have
-        else:
-            self.evict(layer)
+    def make_room(self, layer, n, rows):
+        pending = layer.state.setdefault("pending", set())
+        early = [b for b in rows if b in pending]
+        if early:
+            self.compress(layer, early)  # prompt longer than the buffer: compress now with what we have
+        rest = [b for b in rows if b not in pending]
+        if rest:
+            self.evict(layer, rest)
 
-    def evict(self, layer):
-        layer.compact(self.budget, 0, self.n_recent, reset_scores=False)
+    def evict(self, layer, rows):
+        layer.compact(self.budget, 0, self.n_recent, reset_scores=False, rows=rows)

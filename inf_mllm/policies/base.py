@@ -132,19 +132,24 @@ class Policy:
         return 0.0
 
     # -- hooks --------------------------------------------------------------------------
-    def before_attention(self, layer, n: int, phase: str) -> None:
+    # ``rows``: the batch rows concerned (those that received tokens / need room). Decisions are
+    # per row so that each row of a padded batch behaves exactly as the row alone.
+    def before_attention(self, layer, n: int, phase: str, rows) -> None:
         """Called before ``n`` new tokens are written (``phase`` is "prefill" or "decode")."""
 
-    def after_attention(self, layer, n: int, phase: str) -> None:
+    def after_attention(self, layer, n: int, phase: str, rows) -> None:
         """Called right after this layer's attention over ``n`` new tokens: evict here."""
 
-    def make_room(self, layer, n: int) -> None:
-        """The buffer cannot take the next tokens: evict (never exceed C). Default: evict to budget."""
-        self.evict(layer)
+    def make_room(self, layer, n: int, rows) -> None:
+        """``rows`` cannot take the next tokens: evict (never exceed C). Default: evict to budget."""
+        self.evict(layer, rows)
 
-    def evict(self, layer) -> None:
-        """Compact every row over budget down to ``budget`` slots."""
-        layer.compact(self.budget, self.n_sink, self.n_recent, reset_scores=True)
+    def evict(self, layer, rows) -> None:
+        """Compact ``rows`` that are over budget down to ``budget`` slots."""
+        layer.compact(self.budget, self.n_sink, self.n_recent, reset_scores=True, rows=rows)
+
+    def over_budget(self, layer, rows):
+        return [b for b in rows if layer.len_host[b] > self.budget]
 
     def __repr__(self):
         args = ", ".join(f"{k}={v!r}" for k, v in sorted(self.params.items()))

@@ -23,9 +23,8 @@ class H2OPolicy(Policy):
     def score_window(self, layer, n, phase):
         return n  # every query of every call
 
-    def evict(self, layer):
-        layer.compact(self.budget, 0, self.n_recent, reset_scores=False)
+    def evict(self, layer, rows):
+        layer.compact(self.budget, 0, self.n_recent, reset_scores=False, rows=rows)
 
-    def after_attention(self, layer, n, phase):
-        if layer.max_length() > self.budget:
-            self.evict(layer)
+    def after_attention(self, layer, n, phase, rows):
+        self.evict(layer, self.over_budget(layer, rows))

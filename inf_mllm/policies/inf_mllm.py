@@ -24,16 +24,17 @@ class InfMLLMPolicy(Policy):
     def score_bias(self, layer, phase):
         return self.bias
 
-    def evict(self, layer):
-        layer.compact(self.budget, self.n_sink, self.n_recent, reset_scores=True)
-        layer.state["decode_steps"] = 0
+    def evict(self, layer, rows):
+        layer.compact(self.budget, self.n_sink, self.n_recent, reset_scores=True, rows=rows)
+        steps = layer.state.setdefault("decode_steps", {})
+        for b in rows:
+            steps[b] = 0
 
-    def after_attention(self, layer, n, phase):
+    def after_attention(self, layer, n, phase, rows):
         if phase == "prefill":
-            if layer.max_length() > self.budget:
-                self.evict(layer)
+            self.evict(layer, self.over_budget(layer, rows))
             return
-        steps = layer.state.get("decode_steps", 0) + 1
-        layer.state["decode_steps"] = steps
-        if steps >= self.window and layer.max_length() > self.budget:
-            self.evict(layer)
+        steps = layer.state.setdefault("decode_steps", {})
+        for b in rows:
+            steps[b] = steps.get(b, 0) + 1
+        self.evict(layer, [b for b in self.over_budget(layer, rows) if steps[b] >= self.window])

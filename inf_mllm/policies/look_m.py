@@ -37,9 +37,10 @@ class LookMPolicy(CompressOncePolicy):
     def prefill_score_window(self, layer, n):
         return n  # cumulative over all prompt queries
 
-    def compress(self, layer):
+    def compress(self, layer, rows):
         L = self.budget
-        for b, length in enumerate(layer.len_host):
+        for b in rows:
+            length = layer.len_host[b]
             if length <= L:
                 continue
             s = layer.scores[b, :, :length].double()
@@ -49,7 +50,7 @@ class LookMPolicy(CompressOncePolicy):
             merge_row_(layer.k[b], layer.v[b], keep, self.params["merge"])
             layer.scores[b].zero_()
             layer.scores[b, :, :length] = keep.float()
-        layer.compact(L, self.n_sink, self.n_recent, reset_scores=True)
+        layer.compact(L, self.n_sink, self.n_recent, reset_scores=True, rows=rows)
 
 
 def merge_row_(k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, mode: str) -> None:

@@ -27,19 +27,19 @@ class SnapKVPolicy(CompressOncePolicy):
         if self.window < 1:
             raise ValueError(f"inf_mllm: policy 'snapkv' needs window >= 1, got {self.window}")
 
-    def before_attention(self, layer, n, phase):
+    def before_attention(self, layer, n, phase, rows):
         if phase == "prefill":
-            layer.scores.zero_()  # only the last prompt chunk's window queries count
-        super().before_attention(layer, n, phase)
+            for b in rows:
+                layer.scores[b].zero_()  # only the last prompt chunk's window queries count
+        super().before_attention(layer, n, phase, rows)
 
     def prefill_score_window(self, layer, n):
         return self.window
 
-    def compress(self, layer):
+    def compress(self, layer, rows):
         k = self.params["kernel"]
-        Lmax = layer.max_length()
-        s = layer.scores[:, :, :Lmax]
-        B, H, T = s.shape
-        pooled = F.max_pool1d(s.reshape(B * H, 1, T), kernel_size=k, stride=1, padding=k // 2).view(B, H, T)
-        s.copy_(pooled)
-        layer.compact(self.budget, 0, self.n_recent, reset_scores=False)
+        for b in rows:
+            s = layer.scores[b, :, : layer.len_host[b]]
+            H, T = s.shape
+            s.copy_(F.max_pool1d(s.reshape(H, 1, T), kernel_size=k, stride=1, padding=k // 2).view(H, T))
+        layer.compact(self.budget, 0, self.n_recent, reset_scores=False, rows=rows)

@@ -9,9 +9,8 @@ class StreamingLLMPolicy(Policy):
     positions = ROLLING
     defaults = dict(budget=2048, n_sink=4, n_recent=None, window=0, bias=0.0)
 
-    def evict(self, layer):
-        layer.compact(self.budget, self.n_sink, self.budget - self.n_sink, reset_scores=True)
+    def evict(self, layer, rows):
+        layer.compact(self.budget, self.n_sink, self.budget - self.n_sink, reset_scores=True, rows=rows)
 
-    def after_attention(self, layer, n, phase):
-        if layer.max_length() > self.budget:
-            self.evict(layer)
+    def after_attention(self, layer, n, phase, rows):
+        self.evict(layer, self.over_budget(layer, rows))

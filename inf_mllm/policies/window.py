@@ -12,9 +12,8 @@ class WindowPolicy(Policy):
         if self.n_sink:
             raise ValueError("inf_mllm: policy 'window' keeps no sinks (n_sink must be 0); use 'streaming_llm'")
 
-    def evict(self, layer):
-        layer.compact(self.budget, 0, self.budget, reset_scores=True)
+    def evict(self, layer, rows):
+        layer.compact(self.budget, 0, self.budget, reset_scores=True, rows=rows)
 
-    def after_attention(self, layer, n, phase):
-        if layer.max_length() > self.budget:
-            self.evict(layer)
+    def after_attention(self, layer, n, phase, rows):
+        self.evict(layer, self.over_budget(layer, rows))
