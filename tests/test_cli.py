@@ -126,14 +126,20 @@ def test_eval_ppl_sweep(tmp_path, text_file):
     assert [r["args"]["bias"] for r in d["rows"]] == [0, 0.01]
 
 
-def test_eval_ppl_full_stops_at_trained_context(tmp_path, text_file):
+def test_eval_ppl_full_stops_at_trained_context_and_report(tmp_path, text_file):
     # tiny-random is trained (configured) for 2048 positions
+    out = tmp_path / "results" / "cpu"
     _run(["eval", "ppl", "--model", "tiny-random", "--policies", "full", "--no-progress", "--text", text_file,
-          "--max-tokens", "2200", "--checkpoints", "1000,2200"], tmp_path)
-    d = _load(tmp_path, "eval_ppl")
+          "--max-tokens", "2200", "--checkpoints", "1000,2200"], out)
+    d = _load(out, "eval_ppl")
     (row,) = d["rows"]
     assert row["tokens"] == 2048 and "trained context" in row["status"]
     assert row["ppl@1000"] > 1 and row["ppl@2200"] is None
+    md = tmp_path / "docs" / "results.md"
+    assert cli.main(["report", "--results", str(tmp_path / "results"), "--out", str(md)]) == 0
+    text = md.read_text()
+    assert "## cpu" in text and "### eval_ppl" in text and "inf-mllm eval ppl" in text
+    assert "](../results/cpu/eval_ppl.png)" in text
 
 
 def test_eval_retrieval(tmp_path):

@@ -61,8 +61,11 @@ def run_stream_bench(
         bar = progress(n_max, f"stream {policy}")
         for c in checkpoints:
             if policy == "full" and max_ctx and c + decode_steps > max_ctx and not full_past_context:
-                rows.append({"policy": policy, "tokens": c, "status": f"past trained context ({max_ctx})"})
-                break
+                if c <= max_ctx and max_ctx - decode_steps > fed:
+                    c = max_ctx - decode_steps  # last point inside the trained context
+                else:
+                    rows.append({"policy": policy, "tokens": c, "status": f"past trained context ({max_ctx})"})
+                    break
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
             try:
