@@ -327,10 +327,21 @@ def cmd_eval_ppl(args) -> int:
     res = run_ppl(bundle, text, policies=_policies(args), policy_args=pol_args, max_tokens=parse_size(args.max_tokens),
                   chunk=args.chunk, checkpoints=parse_int_list(args.checkpoints), sweep=sweep, block=args.block,
                   full_past_context=args.full_past_context)
-    curves = {k: (v["tokens"], v["log_ppl"]) for k, v in res["curves"].items()}
+    # running log-perplexity from 64 tokens on (the first few tokens dominate the scale otherwise)
+    curves = {}
+    for k, v in res["curves"].items():
+        pts = [(t, y) for t, y in zip(v["tokens"], v["log_ppl"]) if t >= min(64, res["tokens"] // 4)]
+        curves[k] = ([t for t, _ in pts], [y for _, y in pts])
     src = os.path.basename(args.text) if args.text else args.corpus
     plot_lines(_out_path(args, dev, "eval_ppl", "png"), curves, xlabel="tokens streamed", ylabel="running log-perplexity (nat)",
                title=f"{bundle.name} on {src}, budget {pol_args['budget']}", logx=True, markers=False)
+    blocks = {}
+    for k, v in res["curves"].items():
+        b = v.get("block_nll") or []
+        blocks[k] = ([(i + 1) * args.block for i in range(len(b))], b)
+    plot_lines(_out_path(args, dev, "eval_ppl_blocks", "png"), blocks, xlabel="tokens streamed",
+               ylabel=f"log-perplexity of each {args.block}-token block (nat)",
+               title=f"{bundle.name} on {src}, budget {pol_args['budget']}: per-block", logx=False)
     cols = ["policy", "tokens"] + [f"ppl@{fmt_tokens(c)}" for c in res["checkpoints"]] + \
         [f"block_ppl@{fmt_tokens(res['checkpoints'][-1])}", "cache_slots", "cache_MiB", "tok_per_s", "status"]
     res["text"] = {"source": args.text or args.corpus, "tokens": res["tokens"]}
@@ -404,7 +415,7 @@ _ORDER = ["bench_ops", "bench_stream", "eval_ppl", "eval_retrieval", "eval_round
 _PLOTS = {
     "bench_ops": ["bench_ops"],
     "bench_stream": ["bench_stream_latency", "bench_stream_memory", "bench_stream_rss"],
-    "eval_ppl": ["eval_ppl"],
+    "eval_ppl": ["eval_ppl", "eval_ppl_blocks"],
     "eval_retrieval": ["eval_retrieval"],
     "eval_rounds": ["eval_rounds_acc", "eval_rounds_mem"],
 }

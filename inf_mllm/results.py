@@ -238,6 +238,15 @@ def print_table(rows, columns=None, title: str = "", file=None) -> str:
 # --------------------------------------------------------------------------------------
 
 
+def _tok_label(v: float) -> str:
+    v = int(round(v))
+    if v >= 1 << 20 and v % (1 << 20) == 0:
+        return f"{v >> 20}M"
+    if v >= 1 << 10 and v % (1 << 10) == 0:
+        return f"{v >> 10}K"
+    return str(v)
+
+
 def plot_lines(
     path: str,
     series: Dict[str, Sequence[Sequence[float]]],
@@ -265,7 +274,10 @@ def plot_lines(
         lab = label + (f" ({notes[label]})" if notes and label in notes else "")
         ax.plot(px, py, marker="o" if markers and len(px) < 40 else None, markersize=3, label=lab)
     if logx:
+        from matplotlib.ticker import FuncFormatter
+
         ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: _tok_label(v)))
     if logy:
         ax.set_yscale("log")
     ax.set_xlabel(xlabel)

@@ -102,6 +102,7 @@ def test_eval_ppl(tmp_path, text_file, capsys):
     _run(["eval", "ppl", *SMALL, "--text", text_file, "--max-tokens", "900", "--checkpoints", "300,900"], tmp_path)
     d = _load(tmp_path, "eval_ppl")
     _png(tmp_path, "eval_ppl")
+    _png(tmp_path, "eval_ppl_blocks")
     assert _policies_of(d["rows"]) == set(POLICIES)
     for r in d["rows"]:
         assert r["status"] == "ok", r
