@@ -71,7 +71,28 @@ def default_out_dir(device: Optional[str] = None) -> str:
 def _version(mod: str) -> Optional[str]:
     try:
         m = __import__(mod)
-        return getattr(m, "__version__", "unknown")
+        v = getattr(m, "__version__", None)
+        if v is None:
+            from importlib.metadata import version
+
+            v = version(mod)
+        return str(v)
+    except Exception:
+        return None
+
+
+def _git_commit() -> Optional[str]:
+    """The commit of the inf_mllm checkout (with ``-dirty`` when it has local changes), if any."""
+    import subprocess
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        if sha.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10)
+        return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
     except Exception:
         return None
 
@@ -85,6 +106,7 @@ def environment() -> Dict[str, Any]:
         "triton": _version("triton"),
         "transformers": _version("transformers"),
         "inf_mllm": _version("inf_mllm"),
+        "inf_mllm_commit": _git_commit(),
         "cuda": torch.version.cuda,
     }
     try:
