@@ -248,6 +248,8 @@ def cmd_bench_ops(args) -> int:
         plot_lines(_out_path(args, dev, "bench_ops", "png"), series, xlabel="cache size C (slots)", ylabel="median time (ms)",
                    title=f"operators, {res['shape']}", logx=True, logy=True)
     cols = ["op", "mode", "C", "impl", "median_ms", "GBps"] + (["frac_copy_bw"] if cuda else [])
+    if any(r.get("error") for r in res["rows"]):
+        cols.append("error")
     _finish(args, dev, "bench_ops", res, notes=notes, columns=cols,
             title=f"bench ops on {dev} ({res['shape']['dtype']})")
     return 0

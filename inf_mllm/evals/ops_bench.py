@@ -190,6 +190,18 @@ def _compact_rows(sizes, device, dtype, B, Hkv, D, progress_bar) -> List[Dict[st
     return rows
 
 
+def _is_oom(e: BaseException) -> bool:
+    return isinstance(e, (getattr(torch, "OutOfMemoryError", MemoryError), MemoryError)) or "out of memory" in str(e).lower()
+
+
+def _free(device) -> None:
+    import gc
+
+    gc.collect()
+    if str(device).startswith("cuda"):
+        torch.cuda.empty_cache()
+
+
 def _normalise(r: Dict[str, Any], op: str, mode: Optional[str]) -> Dict[str, Any]:
     """Map a row of the kernel engineers' benchmarks onto this table's columns."""
     r = dict(r)
@@ -246,10 +258,22 @@ def run_ops_bench(
         if fn is not None:
             sources["attention"] = "inf_mllm.benchmarks.attention.bench_attention"
             reps = {} if cuda else {"warmup": 3, "reps": 10}
+            bar = progress(2 * len(sizes), "bench attention", unit="cfg")
             for mode, n in (("decode", 1), ("prefill", prefill_chunk)):
-                got = _call(fn, device=device, dtype=dtype, contexts=list(sizes), B=B, Hkv=Hkv, G=Hq // Hkv, D=D, n=n,
-                            window=window, **reps)
-                rows += [_normalise(r, "attention", mode) for r in got]
+                for C in sizes:
+                    # one call per (size, impl): an out-of-memory eager path loses only its own row
+                    for impl in ("inf_mllm", "sdpa", "eager_scores"):
+                        try:
+                            got = _call(fn, device=device, dtype=dtype, contexts=[C], impls=[impl], B=B, Hkv=Hkv,
+                                        G=Hq // Hkv, D=D, n=n, window=window, **reps)
+                        except Exception as e:  # noqa: BLE001
+                            if not _is_oom(e):
+                                raise
+                            got = [{"context": C, "impl": impl, "error": "out of memory"}]
+                            _free(device)
+                        rows += [_normalise(r, "attention", mode) for r in got]
+                    bar.update(1)
+            bar.close()
         else:
             sources["attention"] = "built-in (inf_mllm.evals.ops_bench)"
             bar = progress(2 * len(sizes), "bench attention", unit="cfg")
@@ -264,8 +288,14 @@ def run_ops_bench(
             for C in sizes:
                 # a full buffer C = L + slack, evicting the slack (1/8 of C, like a prefill chunk)
                 L = C - max(1, C // 8)
-                got = _call(fn, device=device, dtype=dtype, C=C, budget=L, n_recent=min(256, L // 4), B=B, Hkv=Hkv, D=D,
-                            **reps)
+                try:
+                    got = _call(fn, device=device, dtype=dtype, C=C, budget=L, n_recent=min(256, L // 4), B=B, Hkv=Hkv,
+                                D=D, **reps)
+                except Exception as e:  # noqa: BLE001
+                    if not _is_oom(e):
+                        raise
+                    got = [{"C": C, "impl": "inf_mllm", "error": "out of memory"}]
+                    _free(device)
                 rows += [_normalise(dict(r, mode=f"L={L}"), "compact_", None) for r in got]
                 bar.update(1)
             bar.close()
