@@ -50,14 +50,17 @@ def parse_sweep(s: Optional[str]) -> Optional[Tuple[str, List[Any]]]:
 
 def policy_grid(policies: Sequence[str], base: Dict[str, Any], sweep) -> List[Tuple[str, str, Dict[str, Any]]]:
     """``[(label, policy, args)]``: each policy once with ``base``; a sweep expands ``inf_mllm``
-    (or, if absent from ``policies``, every non-``full`` policy) over the swept values."""
+    (or, if absent from ``policies``, every non-``full`` policy; a ``budget`` sweep: every
+    non-``full`` policy) over the swept values."""
     out = []
     for p in policies:
-        if sweep and p != "full" and (p == "inf_mllm" or "inf_mllm" not in policies):
+        swept = sweep and p != "full" and (sweep[0] == "budget" or p == "inf_mllm" or "inf_mllm" not in policies)
+        if swept:
             key, vals = sweep
             for v in vals:
                 args = dict(base)
                 args[key] = v
+                args["__explicit__"] = (key,)  # passed to the policy even if it is not one of its usual keys
                 out.append((f"{p} {key}={v}", p, args))
         else:
             out.append((p, p, dict(base)))

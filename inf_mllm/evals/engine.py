@@ -307,7 +307,9 @@ CLI_KEYS = ("budget", "n_recent", "window", "bias", "n_sink")
 
 
 def policy_kwargs(policy: str, args: Dict[str, Any]) -> Dict[str, Any]:
-    keys = POLICY_KEYS.get(policy, CLI_KEYS)
+    args = dict(args)
+    explicit = tuple(args.pop("__explicit__", ()))
+    keys = POLICY_KEYS.get(policy, CLI_KEYS) + (explicit if policy != "full" else ())
     return {k: v for k, v in args.items() if (k in keys) or (k not in CLI_KEYS and policy != "full")}
 
 
