@@ -103,7 +103,9 @@ def _read_r_lazyload(pkg_dir: str) -> Dict[str, List[str]]:
         for name, (off, ln) in index["variables"].items():
             rec = blob[int(off): int(off) + int(ln)]
             raw = zlib.decompress(rec[4:])
-            obj = rdata.conversion.convert(rdata.parser.parse_data(raw))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "Unknown file type: assumed RDS": it is one
+                obj = rdata.conversion.convert(rdata.parser.parse_data(raw))
             out[str(name)] = [str(s) for s in list(obj)]
         return out
     # Older packaging: one .rda per data set
