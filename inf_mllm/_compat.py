@@ -35,6 +35,12 @@ __all__ = [
     "find_rotary",
     "rotary_cos_sin",
     "unsupported_reason",
+    "text_config",
+    "text_config_key",
+    "is_multimodal",
+    "language_model",
+    "vision_tower",
+    "image_features",
 ]
 
 
@@ -45,9 +51,27 @@ def register_attention(name: str, attn_fn, mask_fn) -> None:
 
 
 def set_attn_implementation(model, name: str) -> None:
-    if hasattr(model, "set_attn_implementation"):
-        model.set_attn_implementation(name)
-    if getattr(model.config, "_attn_implementation", None) != name:
+    """Switch the (language-side) attention of ``model`` to ``name``.
+
+    Vision-language models: only the text sub-config is switched (transformers' per-sub-config
+    ``{"text_config": name}`` form, or the language model's own ``set_attn_implementation``), so
+    the vision tower keeps its own attention.
+    """
+    key = text_config_key(model)
+    if key is None:
+        if hasattr(model, "set_attn_implementation"):
+            model.set_attn_implementation(name)
+    else:
+        vision_impls = _vision_attn_impls(model)
+        try:
+            model.set_attn_implementation({key: name})
+        except (TypeError, ValueError, AttributeError, KeyError):
+            lm = language_model(model)
+            if lm is not None and hasattr(lm, "set_attn_implementation"):
+                lm.set_attn_implementation(name)
+        if _vision_attn_impls(model) != vision_impls:  # pragma: no cover  (defensive: never touch the vision tower)
+            raise RuntimeError("inf_mllm: switching the text attention also changed the vision tower's attention")
+    if get_attn_implementation(model) != name:
         raise ValueError(
             f"inf_mllm: could not set attn_implementation={name!r} on {type(model).__name__}: the model does not route "
             "its attention through transformers' AttentionInterface"
@@ -55,7 +79,8 @@ def set_attn_implementation(model, name: str) -> None:
 
 
 def get_attn_implementation(model) -> Optional[str]:
-    return getattr(model.config, "_attn_implementation", None)
+    """The attention implementation of the language side (the text sub-config of a VLM)."""
+    return getattr(text_config(model), "_attn_implementation", None)
 
 
 def text_config(model):
@@ -65,10 +90,94 @@ def text_config(model):
     return cfg
 
 
+def text_config_key(model) -> Optional[str]:
+    """Name of the text sub-config of a composite (vision-language) config, ``None`` for a plain LM."""
+    cfg = model.config
+    tc = text_config(model)
+    if tc is cfg:
+        return None
+    for key in getattr(cfg, "sub_configs", {}) or {}:
+        if getattr(cfg, key, None) is tc:
+            return key
+    return "text_config" if getattr(cfg, "text_config", None) is tc else None
+
+
+def is_multimodal(model) -> bool:
+    """A vision-language model: composite config with a vision sub-config."""
+    return text_config_key(model) is not None and getattr(model.config, "vision_config", None) is not None
+
+
+def language_model(model):
+    """The decoder (text) model inside a VLM (``model.model.language_model`` in transformers 5), or ``None``."""
+    for owner in (getattr(model, "model", None), model):
+        lm = getattr(owner, "language_model", None) if owner is not None else None
+        if isinstance(lm, torch.nn.Module):
+            return lm
+    return None
+
+
+def vision_tower(model):
+    for owner in (getattr(model, "model", None), model):
+        vt = getattr(owner, "vision_tower", None) if owner is not None else None
+        if isinstance(vt, torch.nn.Module):
+            return vt
+    return None
+
+
+def _vision_attn_impls(model):
+    vc = getattr(model.config, "vision_config", None)
+    vt = vision_tower(model)
+    return (getattr(vc, "_attn_implementation", None), getattr(getattr(vt, "config", None), "_attn_implementation", None))
+
+
+def _features_list(out) -> list:
+    if hasattr(out, "pooler_output") and not isinstance(out, torch.Tensor):
+        out = out.pooler_output  # transformers >= 5.x: BaseModelOutputWithPooling(pooler_output=[per-image features])
+    if isinstance(out, torch.Tensor):
+        return list(out) if out.dim() == 3 else [out]
+    if isinstance(out, (list, tuple)):
+        res = []
+        for t in out:
+            res.extend(list(t) if t.dim() == 3 else [t])
+        return res
+    raise TypeError(f"inf_mllm: unexpected image-feature output {type(out).__name__}")
+
+
+@torch.no_grad()
+def image_features(model, pixel_values: torch.Tensor, **kwargs) -> list:
+    """Vision tower + projector of a VLM on ``pixel_values [N, 3, H, W]``: a list of ``[T_i, hidden]``
+    tensors (one per image), in the language model's embedding space."""
+    fn = getattr(model, "get_image_features", None) or getattr(getattr(model, "model", None), "get_image_features", None)
+    if fn is None:
+        raise ValueError(f"inf_mllm: {type(model).__name__} has no get_image_features (not a supported VLM)")
+    return _features_list(fn(pixel_values=pixel_values, **kwargs))
+
+
+def clip_image_processor(image_size: int):
+    """A CLIP image processor (resize shortest edge + center crop to ``image_size``, CLIP mean/std)
+    that needs no torchvision: the PIL backend (``CLIPImageProcessorPil``, transformers >= 5.x) when
+    present, else the slow ``CLIPImageProcessor``."""
+    import transformers as _t
+
+    cls = getattr(_t, "CLIPImageProcessorPil", None)
+    if cls is None:
+        try:
+            import torchvision  # noqa: F401
+
+            cls = _t.CLIPImageProcessor
+        except ImportError:
+            cls = getattr(_t, "CLIPImageProcessorSlow", None) or _t.CLIPImageProcessor
+    return cls(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
+
+
+_MROPE_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen2_5_omni", "glm4v")
+
+
 def find_rotary(model) -> Optional[torch.nn.Module]:
     """The model's rotary-embedding module: ``forward(x, position_ids) -> (cos, sin)``."""
     base = getattr(model, "model", None)
-    for owner in (base, getattr(base, "language_model", None), model):
+    lm = language_model(model)
+    for owner in (lm, base, getattr(base, "language_model", None), model):
         rot = getattr(owner, "rotary_emb", None) if owner is not None else None
         if rot is not None and hasattr(rot, "inv_freq"):
             return rot
@@ -89,9 +198,11 @@ def rotary_cos_sin(rotary: torch.nn.Module, position_ids: torch.Tensor, dtype: t
 
 
 def attention_modules(model):
-    """Modules that are decoder self-attention layers (have ``layer_idx`` and a q/k/v projection)."""
+    """Modules that are decoder self-attention layers (have ``layer_idx`` and a q/k/v projection);
+    for a VLM, those of its language model only."""
     mods = []
-    for _, m in model.named_modules():
+    root = (language_model(model) if is_multimodal(model) else None) or model
+    for _, m in root.named_modules():
         if hasattr(m, "layer_idx") and (hasattr(m, "q_proj") or hasattr(m, "qkv_proj")) and hasattr(m, "scaling"):
             mods.append(m)
     return mods
@@ -103,6 +214,18 @@ def unsupported_reason(model, rolling: bool) -> Optional[str]:
     name = f"{type(model).__name__} (model_type={getattr(cfg, 'model_type', '?')!r})"
     if getattr(model.config, "is_encoder_decoder", False):
         return f"{name} is an encoder-decoder model; inf_mllm supports decoder-only models"
+    rp0 = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    mtypes = {getattr(model.config, "model_type", None), getattr(cfg, "model_type", None)}
+    if (isinstance(rp0, dict) and rp0.get("mrope_section") is not None) or any(
+        str(t).startswith(_MROPE_TYPES) for t in mtypes if t
+    ):
+        return (
+            f"{name} uses multimodal rotary positions (mrope: 3-D temporal/height/width position ids, as in "
+            "Qwen2-VL / Qwen2.5-VL). They cannot be kept exact under eviction: rolling positions re-index every kept "
+            "token by its slot, which has no 3-D equivalent, and original positions need the model's get_rope_index "
+            "over the whole multimodal prompt, which a stream fed chunk by chunk never has. Use a LLaVA-family model "
+            "(1-D RoPE language side) instead"
+        )
     layer_types = getattr(cfg, "layer_types", None)
     if layer_types is not None:
         other = sorted({t for t in layer_types if t != "full_attention"})

@@ -1,7 +1,7 @@
 """Multi-round sessions over one fixed-size cache (constant memory over hundreds of rounds)."""
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Iterable, Optional, Union
 
 import torch
 
@@ -17,14 +17,23 @@ class Session:
     >>> s.ask("What was it about?", max_new_tokens=32)
 
     ``policy_args`` go to :func:`inf_mllm.enable` (``policy``, ``budget``, ``n_recent``, ...).
+
+    Vision-language models (LLaVA family): pass ``processor`` (the model's ``AutoProcessor`` /
+    image processor; ``None`` = plain resize + normalize) and stream pictures with
+    :meth:`append_image` / :meth:`append_video`; ``tokenizer`` may be ``None`` when the processor
+    carries one.
     """
 
-    def __init__(self, model, tokenizer, **policy_args):
+    def __init__(self, model, tokenizer=None, processor=None, **policy_args):
         self.model = model
-        self.tokenizer = tokenizer
+        self.tokenizer = tokenizer if tokenizer is not None else getattr(processor, "tokenizer", None)
+        self.processor = processor
         self.cache = enable(model, **policy_args)
         self.device = next(model.parameters()).device
         self.rounds = 0
+        self.images = 0
+        self.frames = 0
+        self._encoder = None
         self._last_logits: Optional[torch.Tensor] = None
         self._started = False
 
@@ -48,6 +57,90 @@ class Session:
         self._last_logits = stream(self.model, ids, cache=self.cache, modality=modality, progress=progress)
         self._started = True
         return self._last_logits
+
+    # ---- pictures (vision-language models) --------------------------------------------
+    @property
+    def encoder(self):
+        if self._encoder is None:
+            from .vision import FrameEncoder
+
+            self._encoder = FrameEncoder(self.model, self.processor)
+        return self._encoder
+
+    @torch.no_grad()
+    def append_embeds(self, embeds: torch.Tensor, modality: str = "image", progress: bool = False):
+        """Feed ready ``inputs_embeds`` ``[T, H]`` or ``[1, T, H]`` (chunked prefill, eviction after each chunk)."""
+        if embeds.dim() == 2:
+            embeds = embeds[None]
+        if embeds.shape[1] == 0:
+            return self._last_logits
+        self._last_logits = stream(self.model, inputs_embeds=embeds, cache=self.cache, modality=modality,
+                                   progress=progress)
+        self._started = True
+        return self._last_logits
+
+    def _text(self, text: Optional[str]):
+        if text:
+            self.append(text)
+
+    @torch.no_grad()
+    def append_image(self, image, text_before: Optional[str] = None, text_after: Optional[str] = None):
+        """Stream one image: the VLM's vision tower + projector, then its tokens (tagged ``image``).
+
+        ``text_before`` / ``text_after`` are streamed as text around the image tokens, where the
+        model's template puts ``<image>`` (e.g. LLaVA-1.5: ``"USER: "`` and ``"\n"``).
+        """
+        feats = self.encoder.encode([image])[0]
+        self._text(text_before)
+        out = self.append_embeds(feats, modality="image")
+        self.images += 1
+        self._text(text_after)
+        return self._last_logits if text_after else out
+
+    @torch.no_grad()
+    def append_video(self, frames: Iterable, fps: Optional[float] = None, frames_per_chunk: int = 1,
+                     frame_text: Optional[str] = None, max_frames: Optional[int] = None, progress: bool = False):
+        """Stream video frames (any iterable, e.g. :func:`inf_mllm.video.read_frames`; consumed lazily).
+
+        Frames are encoded ``frames_per_chunk`` at a time by the vision tower; their tokens (tagged
+        ``video``) go through chunked prefill with eviction after each chunk, so memory stays flat
+        however many frames. ``frame_text`` (a format string with ``{i}`` = index of the group's
+        first frame and ``{t}`` = its time in seconds when ``fps`` is given, else ``{i}``) is
+        streamed as text before each group, e.g. ``"Frame {i}: "``. Returns the number of frames read.
+        """
+        if not isinstance(frames_per_chunk, int) or frames_per_chunk < 1:
+            raise ValueError(f"inf_mllm: frames_per_chunk must be an int >= 1, got {frames_per_chunk!r}")
+        n = 0
+        group: list = []
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(unit="frame", desc=f"inf_mllm[{self.cache.policy.name}] video")
+
+        def flush(first: int):
+            if frame_text:
+                t = first / fps if fps else float(first)
+                self.append(frame_text.format(i=first, t=t))
+            feats = self.encoder.encode(group)
+            self.append_embeds(torch.cat(feats, 0), modality="video")
+            if bar is not None:
+                bar.update(len(group))
+
+        for frame in frames:
+            if max_frames is not None and n >= max_frames:
+                break
+            group.append(frame)
+            n += 1
+            if len(group) == frames_per_chunk:
+                flush(n - len(group))
+                group = []
+        if group:
+            flush(n - len(group))
+        if bar is not None:
+            bar.close()
+        self.frames += n
+        return n
 
     def _prompt(self, question: str) -> str:
         tok = self.tokenizer
@@ -89,9 +182,12 @@ class Session:
         """Tokens seen, slots used by modality, bytes of cache, rounds."""
         s = self.cache.stats()
         s["rounds"] = self.rounds
+        s["images"] = self.images
+        s["frames"] = self.frames
         return s
 
     def reset(self):
         self.cache.reset()
         self.rounds = 0
+        self.images = self.frames = 0
         self._last_logits = None

@@ -4,19 +4,52 @@ Relevance: local sum of the attention of the last ``window`` queries since the l
 plus ``bias * slot`` per scoring query (favours newer tokens). Evicts after every prefill chunk
 that leaves a row over budget, and every ``window`` decode steps once over budget; scores are
 reset after each eviction. Rolling positions.
+
+``min_text_slots=N`` (multimodal quota, ours): after an eviction each KV head keeps at least
+``min(N, text tokens held before it)`` text slots (sinks and recent count), so a stream of video
+frames cannot push out the text (question, instructions). Done by boosting the best-scored text
+slots of the middle above every other candidate just before ``compact_`` (scores are reset after).
 """
-from .base import ROLLING, Policy, register_policy
+import torch
+
+from ..modality import TEXT
+from .base import ROLLING, Policy, _check_int, register_policy
 
 
 @register_policy
 class InfMLLMPolicy(Policy):
     name = "inf_mllm"
     positions = ROLLING
-    defaults = dict(budget=2048, n_sink=4, n_recent=256, window=32, bias=1e-3)
+    defaults = dict(budget=2048, n_sink=4, n_recent=256, window=32, bias=1e-3, min_text_slots=0)
 
     def validate(self):
         if self.window < 1:
             raise ValueError(f"inf_mllm: policy 'inf_mllm' needs window >= 1, got {self.window}")
+        _check_int("min_text_slots", self.params["min_text_slots"], 0)
+        if self.params["min_text_slots"] > self.budget:
+            raise ValueError(f"inf_mllm: min_text_slots={self.params['min_text_slots']} exceeds budget={self.budget}")
+
+    def _text_quota(self, layer, rows):
+        N = self.params["min_text_slots"]
+        for b in rows:
+            T = layer.len_host[b]
+            if not N or T <= self.budget:
+                continue
+            text = layer.modality[b, :, :T] == TEXT  # [H, T]
+            mid = torch.zeros_like(text)
+            mid[:, self.n_sink : T - self.n_recent] = True
+            protected = (text & ~mid).sum(-1)
+            n_mid = self.budget - self.n_sink - self.n_recent
+            need = (text.sum(-1).clamp(max=N) - protected).clamp(0, n_mid)  # [H]
+            if not bool(need.any()):
+                continue
+            s = layer.scores[b, :, :T]
+            cand = torch.where(text & mid, s.double(), torch.tensor(float("-inf"), dtype=torch.float64, device=s.device))
+            rank = torch.empty_like(cand, dtype=torch.long)
+            order = torch.sort(cand, dim=-1, descending=True, stable=True).indices
+            rank.scatter_(1, order, torch.arange(T, device=s.device).expand_as(order).contiguous())
+            boost = (rank < need[:, None]) & text & mid
+            s.add_(boost.float() * (float(s.abs().max()) * 2 + 1e6))
 
     def score_window(self, layer, n, phase):
         return self.window
@@ -25,6 +58,7 @@ class InfMLLMPolicy(Policy):
         return self.bias
 
     def evict(self, layer, rows):
+        self._text_quota(layer, rows)
         layer.compact(self.budget, self.n_sink, self.n_recent, reset_scores=True, rows=rows)
         steps = layer.state.setdefault("decode_steps", {})
         for b in rows:

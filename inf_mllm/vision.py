@@ -1,0 +1,93 @@
+"""Frames -> language-model embeddings for vision-language models (LLaVA family).
+
+:class:`FrameEncoder` preprocesses images (the model's real image processor when one is given,
+else a plain resize + normalize) and runs the VLM's own vision tower + projector
+(``get_image_features``), returning one ``[T_img, hidden]`` tensor per frame, ready to be fed
+as ``inputs_embeds`` into the language side.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from ._compat import image_features, is_multimodal
+
+# CLIP normalisation (the LLaVA family's vision towers); used only by the fallback preprocessing
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def _to_chw_float(img) -> torch.Tensor:
+    """PIL image / HWC uint8 RGB array / CHW or HWC tensor -> float ``[3, H, W]`` in [0, 1]."""
+    if hasattr(img, "convert") and hasattr(img, "size"):  # PIL
+        img = np.asarray(img.convert("RGB"))
+    if isinstance(img, np.ndarray):
+        if img.ndim == 2:
+            img = np.stack([img] * 3, -1)
+        t = torch.from_numpy(np.ascontiguousarray(img[..., :3])).permute(2, 0, 1)
+    elif isinstance(img, torch.Tensor):
+        t = img
+        if t.dim() == 3 and t.shape[0] not in (1, 3) and t.shape[-1] in (1, 3):
+            t = t.permute(2, 0, 1)
+        if t.shape[0] == 1:
+            t = t.expand(3, -1, -1)
+    else:
+        raise TypeError(f"inf_mllm: unsupported image type {type(img).__name__} (PIL image, HxWx3 array or tensor)")
+    if not t.is_floating_point():
+        t = t.float() / 255.0
+    return t.float()
+
+
+def fallback_preprocess(images: Sequence, size: int, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
+    """Resize (bicubic, to ``size x size``) + normalize: ``[N, 3, size, size]`` float32."""
+    out = []
+    for img in images:
+        t = _to_chw_float(img)[None]
+        t = torch.nn.functional.interpolate(t, size=(size, size), mode="bicubic", align_corners=False).clamp(0, 1)
+        out.append(t[0])
+    x = torch.stack(out)
+    m = torch.tensor(mean, dtype=x.dtype)[:, None, None]
+    s = torch.tensor(std, dtype=x.dtype)[:, None, None]
+    return (x - m) / s
+
+
+class FrameEncoder:
+    """Runs a VLM's vision tower + projector on frames.
+
+    Args:
+        model: a vision-language model (``LlavaForConditionalGeneration`` ...).
+        processor: the model's processor (``AutoProcessor`` / ``LlavaProcessor``) or image
+            processor; ``None``: resize to the vision config's ``image_size`` + CLIP normalisation.
+    """
+
+    def __init__(self, model, processor=None):
+        if not is_multimodal(model):
+            raise ValueError(
+                f"inf_mllm: {type(model).__name__} is not a vision-language model (no vision sub-config); "
+                "append_image/append_video need a VLM such as LlavaForConditionalGeneration"
+            )
+        self.model = model
+        self.image_processor = getattr(processor, "image_processor", processor)
+        vc = model.config.vision_config
+        self.size = int(getattr(vc, "image_size", 336))
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+
+    def pixel_values(self, images: Sequence) -> torch.Tensor:
+        if self.image_processor is not None:
+            arrs = [np.asarray(_to_chw_float(im).mul(255).round().clamp(0, 255).byte().permute(1, 2, 0))
+                    if isinstance(im, torch.Tensor) else im for im in images]
+            pv = self.image_processor(images=list(arrs), return_tensors="pt")["pixel_values"]
+        else:
+            pv = fallback_preprocess(images, self.size)
+        return pv.to(self.device, self.dtype)
+
+    @torch.no_grad()
+    def encode(self, images: Sequence) -> List[torch.Tensor]:
+        """One ``[T_img, hidden]`` tensor per image (the tokens that replace LLaVA's ``<image>``)."""
+        return image_features(self.model, self.pixel_values(images))
+
+    def tokens_per_image(self) -> Optional[int]:
+        return int(self.encode([np.zeros((self.size, self.size, 3), np.uint8)])[0].shape[0])
