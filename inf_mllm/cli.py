@@ -2,6 +2,7 @@
 
     inf-mllm bench ops        operator timings (attention_with_scores, compact_) vs baselines
     inf-mllm bench stream     decode latency and peak memory vs tokens streamed, per policy
+    inf-mllm bench video      frames/s and memory vs video frames streamed into a VLM
     inf-mllm eval ppl         streaming perplexity on long real text (Austen, KJV, --text)
     inf-mllm eval retrieval   LongEval-style line retrieval, accuracy vs distance
     inf-mllm eval rounds      multi-round streaming QA, accuracy per round bucket
@@ -90,6 +91,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--text", default=None, metavar="FILE", help="stream this text instead of random token ids")
     p.set_defaults(func=cmd_bench_stream)
+
+    p = bench.add_parser("video", help="frames/s and memory vs video frames streamed into a VLM")
+    _add_common(p)
+    p.add_argument("--model", default="tiny-random", help="tiny-random (random LLaVA; speed/memory only) or a local VLM checkpoint dir")
+    _add_policy(p)
+    p.set_defaults(chunk=64)
+    p.add_argument("--frames", type=int, default=None, help="last checkpoint in frames (default 256 on CPU, 4096 on GPU)")
+    p.add_argument("--min-frames", type=int, default=8, help="first checkpoint (default 8); checkpoints double")
+    p.add_argument("--frames-per-chunk", type=int, default=1)
+    p.add_argument("--every", type=int, default=1, help="use every n-th frame of the video")
+    p.add_argument("--video", default=None, help="video file (default: the sample clip of Debian's opencv-doc)")
+    p.add_argument("--frame-size", type=int, default=None)
+    p.set_defaults(func=cmd_bench_video)
 
     ev = sub.add_parser("eval", help="evaluations").add_subparsers(dest="cmd", required=True)
     p = ev.add_parser("ppl", help="streaming perplexity on long text")
@@ -305,6 +319,48 @@ def cmd_bench_stream(args) -> int:
     return 0
 
 
+def cmd_bench_video(args) -> int:
+    from .evals.common import doubling
+    from .results import plot_lines
+
+    try:
+        from .evals.video_bench import load_vlm, run_video_bench
+    except ImportError as e:
+        raise SystemExit(f"inf-mllm: bench video is not available in this build ({e})")
+    dev = _setup(args)
+    cuda = dev.startswith("cuda")
+    n_max = args.frames or (4096 if cuda else 256)
+    checkpoints = doubling(args.min_frames, n_max)
+    model, proc = load_vlm(None if args.model == "tiny-random" else args.model, device=dev)
+    pol_args = _policy_args(args)
+    from .evals.engine import policy_kwargs
+
+    res: Dict[str, Any] = {}
+    for pol in _policies(args):  # one call per policy: each gets only the arguments it takes
+        part = run_video_bench(model, proc, policies=[pol], policy_args=policy_kwargs(pol, pol_args), checkpoints=checkpoints,
+                               frames_per_chunk=args.frames_per_chunk, every=args.every, video=args.video,
+                               frame_size=args.frame_size, chunk=args.chunk, model_name=args.model)
+        if not res:
+            res = dict(part, rows=[], series={})
+        res["rows"] += part.get("rows", [])
+        res["series"].update(part.get("series", {}))
+    res["policy_args"] = pol_args
+    ser = res.get("series", {})
+    plot_lines(_out_path(args, dev, "bench_video_fps", "png"), {p: (v["frames"], v["fps"]) for p, v in ser.items()},
+               xlabel="frames streamed", ylabel="frames/s", title=f"{args.model}: video streaming throughput", logx=True)
+    key = "peak_MiB" if cuda else "cache_MiB"
+    plot_lines(_out_path(args, dev, "bench_video_memory", "png"), {p: (v["frames"], v[key]) for p, v in ser.items()},
+               xlabel="frames streamed", ylabel="peak CUDA memory (MiB)" if cuda else "KV cache (MiB)",
+               title=f"{args.model}: memory vs frames", logx=True, logy=True)
+    rows = res.get("rows", [])
+    cols = _cols(rows, ["policy", "frames", "fps", "cache_slots", "cache_MiB"] + (["peak_MiB"] if cuda else ["rss_MiB"]),
+                 skip=("args", "slots_by_modality", "capacity", "tokens_seen", "answer"))
+    res["notes"] = [n for n in res.get("notes", []) if n]
+    _finish(args, dev, "bench_video", res, model={"name": args.model}, policy=pol_args, columns=cols,
+            title=f"bench video: {args.model} on {dev}")
+    return 0
+
+
 def _load_text(args) -> str:
     from .data import CorpusUnavailable, load_corpus
 
@@ -413,13 +469,14 @@ def cmd_eval_rounds(args) -> int:
     return 0
 
 
-_ORDER = ["bench_ops", "bench_stream", "eval_ppl", "eval_retrieval", "eval_rounds"]
+_ORDER = ["bench_ops", "bench_stream", "bench_video", "eval_ppl", "eval_retrieval", "eval_rounds"]
 _PLOTS = {
     "bench_ops": ["bench_ops"],
     "bench_stream": ["bench_stream_latency", "bench_stream_memory", "bench_stream_rss"],
     "eval_ppl": ["eval_ppl", "eval_ppl_blocks"],
     "eval_retrieval": ["eval_retrieval"],
     "eval_rounds": ["eval_rounds_acc", "eval_rounds_mem"],
+    "bench_video": ["bench_video_fps", "bench_video_memory"],
 }
 
 
