@@ -41,6 +41,7 @@ __all__ = [
     "language_model",
     "vision_tower",
     "image_features",
+    "video_features",
 ]
 
 
@@ -168,6 +169,18 @@ def clip_image_processor(image_size: int):
         except ImportError:
             cls = getattr(_t, "CLIPImageProcessorSlow", None) or _t.CLIPImageProcessor
     return cls(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
+
+
+@torch.no_grad()
+def video_features(model, pixel_values_videos: torch.Tensor, **kwargs) -> Optional[torch.Tensor]:
+    """``[T, hidden]`` tokens of one clip ``pixel_values_videos [1, F, 3, H, W]`` through the model's own
+    video path (``get_video_features``: LLaVA-NeXT-Video's resampler, LLaVA-OneVision's pooling +
+    newline), or ``None`` when the model has none (plain LLaVA: frames go through the image path)."""
+    fn = getattr(model, "get_video_features", None) or getattr(getattr(model, "model", None), "get_video_features", None)
+    if fn is None:
+        return None
+    feats = _features_list(fn(pixel_values_videos=pixel_values_videos, **kwargs))
+    return torch.cat([f.reshape(-1, f.shape[-1]) for f in feats], 0)
 
 
 _MROPE_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen2_5_omni", "glm4v")

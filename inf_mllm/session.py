@@ -102,7 +102,8 @@ class Session:
                      frame_text: Optional[str] = None, max_frames: Optional[int] = None, progress: bool = False):
         """Stream video frames (any iterable, e.g. :func:`inf_mllm.video.read_frames`; consumed lazily).
 
-        Frames are encoded ``frames_per_chunk`` at a time by the vision tower; their tokens (tagged
+        Frames are encoded ``frames_per_chunk`` at a time by the vision tower (the model's video path
+        -- ``get_video_features`` -- when it has one, e.g. LLaVA-NeXT-Video); their tokens (tagged
         ``video``) go through chunked prefill with eviction after each chunk, so memory stays flat
         however many frames. ``frame_text`` (a format string with ``{i}`` = index of the group's
         first frame and ``{t}`` = its time in seconds when ``fps`` is given, else ``{i}``) is
@@ -122,8 +123,7 @@ class Session:
             if frame_text:
                 t = first / fps if fps else float(first)
                 self.append(frame_text.format(i=first, t=t))
-            feats = self.encoder.encode(group)
-            self.append_embeds(torch.cat(feats, 0), modality="video")
+            self.append_embeds(self.encoder.encode_video(group), modality="video")
             if bar is not None:
                 bar.update(len(group))
 

@@ -12,7 +12,7 @@ from typing import List, Optional, Sequence
 import numpy as np
 import torch
 
-from ._compat import image_features, is_multimodal
+from ._compat import image_features, is_multimodal, video_features
 
 # CLIP normalisation (the LLaVA family's vision towers); used only by the fallback preprocessing
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -70,6 +70,7 @@ class FrameEncoder:
             )
         self.model = model
         self.image_processor = getattr(processor, "image_processor", processor)
+        self.has_video_path = any(hasattr(o, "get_video_features") for o in (model, getattr(model, "model", None)) if o is not None)
         vc = model.config.vision_config
         self.size = int(getattr(vc, "image_size", 336))
         p = next(model.parameters())
@@ -80,6 +81,8 @@ class FrameEncoder:
             arrs = [np.asarray(_to_chw_float(im).mul(255).round().clamp(0, 255).byte().permute(1, 2, 0))
                     if isinstance(im, torch.Tensor) else im for im in images]
             pv = self.image_processor(images=list(arrs), return_tensors="pt")["pixel_values"]
+            if pv.dim() != 4:  # any-resolution processors (LLaVA-NeXT) tile images: frames use the plain path
+                pv = fallback_preprocess(images, self.size, *self._norm())
         else:
             pv = fallback_preprocess(images, self.size)
         return pv.to(self.device, self.dtype)
@@ -88,6 +91,21 @@ class FrameEncoder:
     def encode(self, images: Sequence) -> List[torch.Tensor]:
         """One ``[T_img, hidden]`` tensor per image (the tokens that replace LLaVA's ``<image>``)."""
         return image_features(self.model, self.pixel_values(images))
+
+    def _norm(self):
+        ip = self.image_processor
+        mean, std = getattr(ip, "image_mean", None), getattr(ip, "image_std", None)
+        return (tuple(mean), tuple(std)) if mean is not None and std is not None else (CLIP_MEAN, CLIP_STD)
+
+    @torch.no_grad()
+    def encode_video(self, frames: Sequence) -> torch.Tensor:
+        """``[T, hidden]`` tokens of a group of frames: the model's video path when it has one
+        (LLaVA-NeXT-Video, LLaVA-OneVision), else the image path per frame, concatenated."""
+        if self.has_video_path:
+            out = video_features(self.model, self.pixel_values(frames)[None])
+            if out is not None:
+                return out
+        return torch.cat(self.encode(frames), 0)
 
     def tokens_per_image(self) -> Optional[int]:
         return int(self.encode([np.zeros((self.size, self.size, 3), np.uint8)])[0].shape[0])

@@ -257,3 +257,38 @@ def test_min_text_slots_arguments():
         make_policy("inf_mllm", budget=16, n_recent=4, min_text_slots=1.5)
     with pytest.raises(TypeError, match="unknown argument"):
         make_policy("h2o", budget=16, min_text_slots=2)
+
+
+def _tiny_video_vlm(kind):
+    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaNextVideoConfig, LlavaNextVideoForConditionalGeneration,
+                              LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration)
+
+    torch.manual_seed(0)
+    vc = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                          patch_size=8, projection_dim=32).to_dict() | {"model_type": "clip_vision_model"}
+    tc = LlamaConfig(vocab_size=300, hidden_size=96, intermediate_size=128, head_dim=16, num_hidden_layers=2,
+                     num_attention_heads=6, num_key_value_heads=2).to_dict() | {"model_type": "llama"}
+    common = dict(vision_config=vc, text_config=tc, vision_feature_layer=-2, vision_feature_select_strategy="default",
+                  image_token_index=298, video_token_index=299)
+    if kind == "next_video":
+        return LlavaNextVideoForConditionalGeneration(LlavaNextVideoConfig(spatial_pool_stride=2, **common)).eval()
+    return LlavaOnevisionForConditionalGeneration(LlavaOnevisionConfig(**common)).eval()
+
+
+@pytest.mark.parametrize("kind,tok_per_group", [("next_video", 12), ("onevision", 13)])
+def test_video_path_llava_next_video_and_onevision(frames, kind, tok_per_group):
+    """LLaVA-NeXT-Video / LLaVA-OneVision: frames through the model's own video path (pooling,
+    OneVision's newline), same language-side attachment; exact vs full under budget, bounded over it."""
+    m = _tiny_video_vlm(kind)
+    logits = {}
+    for policy, kw in (("full", {}), ("inf_mllm", dict(budget=128, n_recent=8, window=4, chunk=16))):
+        s = inf_mllm.Session(m, None, policy=policy, **kw)
+        assert m.config.vision_config._attn_implementation != "inf_mllm"
+        s.append_embeds(torch.randn(1, 5, 96, generator=torch.Generator().manual_seed(1)), modality="text")
+        s.append_video(frames[:6], frames_per_chunk=3)
+        assert s.stats()["slots_by_modality"]["video"] == 2 * tok_per_group
+        logits[policy] = s._last_logits
+    torch.testing.assert_close(logits["inf_mllm"], logits["full"], atol=2e-4, rtol=1e-4)
+    s = inf_mllm.Session(m, None, policy="inf_mllm", budget=24, n_recent=4, window=4, chunk=8)
+    s.append_video(frames[:60], frames_per_chunk=3)
+    assert max(s.cache.lengths()) <= 24 and s.stats()["tokens_seen"] == 20 * tok_per_group
