@@ -27,6 +27,10 @@ def enable(
     ``TypeError`` at once for bad arguments and unsupported models, naming the reason.
 
     Use: ``model.generate(ids, past_key_values=cache, ...)`` or ``model(ids, past_key_values=cache)``.
+
+    Vision-language models (LLaVA family): the cache and the attention attach to the language
+    model only (text sub-config); the vision tower keeps its own attention. Models with
+    multimodal rotary positions (Qwen2-VL, Qwen2.5-VL) are refused. See ``docs/multimodal.md``.
     """
     args = dict(budget=budget, n_recent=n_recent, window=window, bias=bias, n_sink=n_sink, **policy_args)
     args = {k: v for k, v in args.items() if v is not None}
