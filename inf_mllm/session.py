@@ -1,6 +1,7 @@
 """Multi-round sessions over one fixed-size cache (constant memory over hundreds of rounds)."""
 from __future__ import annotations
 
+import itertools
 from typing import Iterable, Optional, Union
 
 import torch
@@ -127,9 +128,9 @@ class Session:
             if bar is not None:
                 bar.update(len(group))
 
+        if max_frames is not None:
+            frames = itertools.islice(frames, max(0, int(max_frames)))  # never pulls a frame it will not use
         for frame in frames:
-            if max_frames is not None and n >= max_frames:
-                break
             group.append(frame)
             n += 1
             if len(group) == frames_per_chunk:

@@ -292,3 +292,15 @@ def test_video_path_llava_next_video_and_onevision(frames, kind, tok_per_group):
     s = inf_mllm.Session(m, None, policy="inf_mllm", budget=24, n_recent=4, window=4, chunk=8)
     s.append_video(frames[:60], frames_per_chunk=3)
     assert max(s.cache.lengths()) <= 24 and s.stats()["tokens_seen"] == 20 * tok_per_group
+
+
+def test_append_video_generator_max_frames_drops_nothing(frames):
+    m, proc = tiny_llava()
+    s = inf_mllm.Session(m, None, processor=proc, policy="inf_mllm", budget=64, n_recent=8, window=8, chunk=16)
+    it = iter(frames[:25])
+    assert s.append_video(it, max_frames=10, frames_per_chunk=3) == 10
+    assert s.append_video(it, max_frames=10, frames_per_chunk=4) == 10
+    assert s.append_video(it, frames_per_chunk=4) == 5
+    assert s.stats()["frames"] == 25 and s.stats()["tokens_seen"] == 25 * TOK_PER_IMG
+    with pytest.raises(ValueError, match="frames_per_chunk"):
+        s.append_video(frames[:2], frames_per_chunk=0)
