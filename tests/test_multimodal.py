@@ -304,3 +304,30 @@ def test_append_video_generator_max_frames_drops_nothing(frames):
     assert s.stats()["frames"] == 25 and s.stats()["tokens_seen"] == 25 * TOK_PER_IMG
     with pytest.raises(ValueError, match="frames_per_chunk"):
         s.append_video(frames[:2], frames_per_chunk=0)
+
+
+def test_bench_video_cli_smoke(vtest, tmp_path):
+    """``inf-mllm bench video`` end to end with tiny sizes (random tiny LLaVA, real frames)."""
+    import json
+    import os
+
+    pytest.importorskip("matplotlib")
+    from inf_mllm import cli
+
+    threads = torch.get_num_threads()
+    try:
+        rc = cli.main(["bench", "video", "--policies", "full,inf_mllm,look_m", "--budget", "32", "--n-recent", "4",
+                       "--window", "4", "--chunk", "16", "--min-frames", "8", "--frames", "16", "--frames-per-chunk", "4",
+                       "--every", "5", "--frame-size", "32", "--no-progress", "--threads", "1", "--out", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    assert rc == 0
+    d = json.load(open(os.path.join(tmp_path, "bench_video.json")))
+    rows = [r for r in d["rows"] if "fps" in r]
+    assert {r["policy"] for r in rows} == {"full", "inf_mllm", "look_m"}
+    assert sorted({r["frames"] for r in rows}) == [8, 16]
+    for r in rows:
+        assert r["fps"] > 0 and r["tokens_seen"] == r["frames"] * TOK_PER_IMG
+        if r["policy"] != "full":
+            assert r["cache_slots"] <= r["capacity"]
+    assert os.path.exists(os.path.join(tmp_path, "bench_video_fps.png"))

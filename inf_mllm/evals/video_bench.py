@@ -158,35 +158,3 @@ def run_video_bench(model, processor, *, policies: Sequence[str], policy_args: D
         "notes": ["random weights: speed and memory only, no accuracy" if model_name == "tiny-random" else ""],
     }
 
-
-def cli_bench_video(args, dev: str, *, policies: Sequence[str], policy_args: Dict[str, Any], out_path, finish) -> int:
-    """``inf-mllm bench video``: the body of the CLI command (``out_path(stem, ext)``, ``finish(kind, payload, **kw)``
-    are the CLI's helpers)."""
-    import sys
-
-    from ..results import plot_lines
-
-    dtype = getattr(torch, args.dtype) if getattr(args, "dtype", None) else torch.float32
-    print(f"inf-mllm: loading VLM {args.model} on {dev} ...", file=sys.stderr, flush=True)
-    model, proc = load_vlm(args.model, device=dev, dtype=dtype)
-    checkpoints = sorted({int(x) for x in str(args.frames).split(",") if x.strip()})
-    res = run_video_bench(model, proc, policies=policies, policy_args=policy_args, checkpoints=checkpoints,
-                          frames_per_chunk=args.frames_per_chunk, every=args.every, video=args.video,
-                          frame_size=args.frame_size, chunk=args.chunk, question=args.question or None,
-                          model_name=args.model)
-    ser = res["series"]
-    plot_lines(out_path("bench_video_fps", "png"), {p: (s["frames"], s["fps"]) for p, s in ser.items()},
-               xlabel="frames streamed", ylabel="frames / s", title=f"{args.model}: video frames per second")
-    key = "peak_MiB" if dev.startswith("cuda") else "cache_MiB"
-    plot_lines(out_path("bench_video_memory", "png"), {p: (s["frames"], s[key]) for p, s in ser.items()},
-               xlabel="frames streamed", ylabel="peak CUDA memory (MiB)" if key == "peak_MiB" else "KV cache (MiB)",
-               title=f"{args.model}: memory vs frames, budget {policy_args.get('budget')}")
-    plot_lines(out_path("bench_video_rss", "png"), {p: (s["frames"], s["rss_MiB"]) for p, s in ser.items()},
-               xlabel="frames streamed", ylabel="process RSS (MiB)", title=f"{args.model}: RSS vs frames")
-    notes = [f"video {res['video']['path']} ({res['video']['frames']} frames, {res['video']['fps']} fps), every "
-             f"{args.every}, {args.frames_per_chunk} frames per vision-tower call, looped when more frames are asked for"]
-    cols = ["policy", "frames", "tokens_seen", "cache_slots", "capacity", "fps", "cache_MiB", "rss_MiB", "peak_MiB", "status",
-            "total_s"]
-    finish("bench_video", res, model={"name": args.model}, policy=policy_args, notes=notes, columns=cols,
-           title=f"bench video: {args.model} on {dev}")
-    return 0
