@@ -121,6 +121,7 @@ class StreamingLayer(CacheLayerMixin):
             ops.compact_(
                 self.k[g], self.v[g], self.scores[g], self.length[g], budget=budget, n_sink=n_sink,
                 n_recent=n_recent, reset_scores=reset_scores, extras=(self.modality[g], self.position[g]),
+                check_values=False,  # lengths are tracked on the host: no device sync per layer
             )
         for b in rows:
             self.len_host[b] = budget
@@ -269,7 +270,8 @@ class StreamingLayer(CacheLayerMixin):
             self.len_host[b] += m
         out.copy_(
             ops.attention_with_scores(
-                q, k, v, length, scores if w > 0 else None, scale=scaling, window=w, bias=bias, cos=cos_t, sin=sin_t
+                q, k, v, length, scores if w > 0 else None, scale=scaling, window=w, bias=bias, cos=cos_t, sin=sin_t,
+                check_values=False,  # len_host guarantees n <= length <= C; no device sync per layer
             )
         )
 

@@ -137,7 +137,9 @@ def value_checks(enabled: Optional[bool] = None) -> bool:
     return _VALUE_CHECKS
 
 
-def _values_checkable(t: torch.Tensor) -> bool:
+def _values_checkable(t: torch.Tensor, override: Optional[bool] = None) -> bool:
+    if override is not None:
+        return override and not torch.compiler.is_compiling()
     if not _VALUE_CHECKS:
         return False
     if torch.compiler.is_compiling():
@@ -200,6 +202,7 @@ def attention_with_scores(
     bias: float = 0.0,
     cos: Optional[torch.Tensor] = None,
     sin: Optional[torch.Tensor] = None,
+    check_values: Optional[bool] = None,
 ) -> torch.Tensor:
     """Causal attention of ``n`` new queries over a fixed-capacity KV buffer, plus local-sum scores.
 
@@ -216,6 +219,8 @@ def attention_with_scores(
         bias: attention bias ``beta`` per slot index.
         cos, sin: optional ``[>=C, D]`` RoPE tables for rolling positions: ``q`` is rotated at
             its slot and every key at its slot while loading.
+        check_values: check the *values* of ``length`` (a host sync on CUDA). ``None`` follows
+            :func:`value_checks`; callers that track lengths themselves pass ``False``.
 
     Returns:
         ``out`` ``[B, Hq, n, D]`` in ``q.dtype``.
@@ -248,7 +253,7 @@ def attention_with_scores(
         cos, sin = cos.contiguous(), sin.contiguous()
     if scale is None:
         scale = D ** -0.5
-    if _values_checkable(length):
+    if _values_checkable(length, check_values):
         lo, hi = int(length.min()), int(length.max())
         _check(hi <= C, f"length {hi} exceeds the buffer capacity C={C}")
         _check(lo >= n, f"length {lo} is smaller than the number of new tokens n={n}")
@@ -269,6 +274,7 @@ def compact_(
     reset_scores: bool = True,
     extras: Sequence[torch.Tensor] = (),
     return_indices: bool = False,
+    check_values: Optional[bool] = None,
 ) -> Optional[torch.Tensor]:
     """Evict in place down to ``budget`` slots per row over budget (SPEC §4.2).
 
@@ -280,7 +286,8 @@ def compact_(
     ``length[b] = budget``. Rows with ``length[b] <= budget`` are untouched.
 
     Returns the kept slot indices ``[B, Hkv, budget]`` (int64; ``arange(budget)`` for untouched
-    rows) when ``return_indices``, else ``None``.
+    rows) when ``return_indices``, else ``None``. ``check_values`` as in
+    :func:`attention_with_scores`.
     """
     _check_kv(k, v)
     B, Hkv, C, D = k.shape
@@ -298,7 +305,7 @@ def compact_(
         _check(tuple(e.shape) == (B, Hkv, C), f"extras[{i}] must have shape [B, Hkv, C]={[B, Hkv, C]}, got {list(e.shape)}")
         _check(e.device == k.device, f"extras[{i}] is on {e.device} but k is on {k.device}")
         _check(e.is_contiguous(), f"extras[{i}] must be contiguous")
-    if _values_checkable(length):
+    if _values_checkable(length, check_values):
         hi = int(length.max())
         _check(hi <= C, f"length {hi} exceeds the buffer capacity C={C}")
         _check(int(length.min()) >= 0, "length must be non-negative")

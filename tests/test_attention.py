@@ -385,3 +385,21 @@ def test_bench_attention_cpu_smoke():
     assert len(rows) == 6
     assert {r["impl"] for r in rows} == {"inf_mllm", "sdpa", "eager_scores"}
     assert all(r["time_ms"] > 0 and r["gbps"] > 0 and r["kv_bytes"] == 2 * 2 * r["context"] * 64 * 4 for r in rows)
+
+
+def test_check_values_switch():
+    # check_values=True catches a bad length even with the global checks off; False skips the check
+    q, k, v, length, scores, cos, sin = make_inputs(1, 2, 2, 64, 1, 16, [16], torch.float32, rope=False, poison="huge")
+    bad = torch.tensor([17], dtype=torch.int32)
+    old = ops.value_checks()
+    try:
+        ops.value_checks(False)
+        with pytest.raises(ValueError, match="exceeds the buffer capacity"):
+            ops.attention_with_scores(q, k, v, bad, check_values=True)
+        ops.value_checks(True)
+        with pytest.raises(ValueError, match="exceeds the buffer capacity"):
+            ops.attention_with_scores(q, k, v, bad)
+        out = ops.attention_with_scores(q, k, v, length, check_values=False)
+        assert torch.isfinite(out).all()
+    finally:
+        ops.value_checks(old)
