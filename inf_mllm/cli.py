@@ -78,7 +78,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill-chunk", type=int, default=256)
     p.add_argument("--window", type=int, default=32)
     p.add_argument("--only", choices=["attention", "compact"], default=None)
-    p.add_argument("--builtin", action="store_true", help="use the built-in timing loop even if inf_mllm.benchmarks exists")
     p.set_defaults(func=cmd_bench_ops)
 
     p = bench.add_parser("stream", help="decode latency and peak memory vs tokens streamed")
@@ -245,7 +244,7 @@ def cmd_bench_ops(args) -> int:
     which = [args.only] if args.only else ["attention", "compact"]
     batch = args.batch or (8 if cuda else 1)
     res = run_ops_bench(sizes=sizes, device=dev, dtype=dtype, B=batch, Hq=Hq, Hkv=Hkv, D=args.head_dim,
-                        prefill_chunk=args.prefill_chunk, window=args.window, which=which, builtin=args.builtin)
+                        prefill_chunk=args.prefill_chunk, window=args.window, which=which)
     bw = res["copy_bandwidth"]
     notes.append(f"measured device copy bandwidth: {bw['GBps']:.1f} GB/s (read+write, {bw['bytes'] >> 20} MiB copy)")
     notes += [f"{k}: {v}" for k, v in res["sources"].items()]

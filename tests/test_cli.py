@@ -208,10 +208,9 @@ def test_bench_stream(tmp_path):
         assert full[1024] > full[256]
 
 
-@pytest.mark.parametrize("builtin", [False, True], ids=["benchmarks", "builtin"])
-def test_bench_ops(tmp_path, builtin):
+def test_bench_ops(tmp_path):
     _run(["bench", "ops", "--sizes", "128,256", "--heads", "4,2", "--head-dim", "32", "--prefill-chunk", "16",
-          "--no-progress"] + (["--builtin"] if builtin else []), tmp_path)
+          "--no-progress"], tmp_path)
     d = _load(tmp_path, "bench_ops")
     _png(tmp_path, "bench_ops")
     ops_seen = {r["op"] for r in d["rows"]}
