@@ -428,10 +428,17 @@ def attention_with_scores_triton(
         BLOCK_R = max(16, _next_pow2(R))
         if interp:
             BLOCK_N = 128
+        elif has_rope and not lowp and BLOCK_D >= 128:
+            BLOCK_N = 32  # fp32 RoPE: at 64 even two stages need 200 KiB of shared memory
         else:
             BLOCK_N = 64 if BLOCK_R * BLOCK_D <= 64 * 64 else 32
         ns = num_splits or choose_num_splits(B * Hkv, C, BLOCK_N, dev)
         num_warps = 8 if BLOCK_R >= 64 and BLOCK_D >= 128 else 4
+        # RoPE pipelines four [BLOCK_N, BLOCK_D] tiles per key block (K, its partner half,
+        # float32 cos and sin) besides V; with fp32 K/V, or bf16/fp16 at 64 x 128 tiles, three
+        # stages overflow the A100's 163 KiB (bf16 D=128: 164-168 KiB; fp32: 180-368 KiB);
+        # two stages take 100-128 KiB (tools/triton_aot_check.py, bench/NOTES_triton.md).
+        num_stages = 2 if has_rope and (not lowp or BLOCK_N * BLOCK_D >= 64 * 128) else 3
         m_ws = _empty((B * Hkv, ns, BLOCK_R), torch.float32, dev)
         l_ws = _empty((B * Hkv, ns, BLOCK_R), torch.float32, dev)
         acc_ws = _empty((B * Hkv, ns, BLOCK_R, BLOCK_D), torch.float32, dev)
@@ -442,6 +449,7 @@ def attention_with_scores_triton(
             scale, Hkv, C, n, ns, R, nw,
             HEAD_DIM=D, HALF=HALF, BLOCK_D=BLOCK_D, BLOCK_R=BLOCK_R, BLOCK_N=BLOCK_N,
             HAS_ROPE=has_rope, SCORE=score, LOWP=lowp, DT=DT, num_warps=num_warps,
+            num_stages=num_stages,
         )
         _decode_reduce[grid](
             out, length, sc_t, m_ws, l_ws, acc_ws, s_ws,
@@ -465,12 +473,16 @@ def attention_with_scores_triton(
         BLOCK_R = 32
         BLOCK_NS = 64
         num_warps = 4
+    # fp32 RoPE: three stages need 176-208 KiB of shared memory (> sm_80's 163 KiB), two
+    # stages 112-128 KiB; bf16/fp16 keep three (at most 96 KiB).
+    num_stages = 2 if has_rope and not lowp else 3
     lse = _empty((B, Hq, n), torch.float32, dev) if score else out
     _prefill_fwd[(triton.cdiv(n, BLOCK_M), B * Hq)](
         q, k, v, out, lse, length, cos_t, sin_t,
         scale, Hq, G, C, n,
         HEAD_DIM=D, HALF=HALF, BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
         HAS_ROPE=has_rope, WRITE_LSE=score, LOWP=lowp, DT=DT, num_warps=num_warps,
+        num_stages=num_stages,
     )
     if score:
         _prefill_scores[(B * Hkv, triton.cdiv(C, BLOCK_NS))](
@@ -478,5 +490,6 @@ def attention_with_scores_triton(
             scale, Hkv, G, C, n, nw, bias,
             HEAD_DIM=D, HALF=HALF, BLOCK_D=BLOCK_D, BLOCK_R=BLOCK_R, BLOCK_N=BLOCK_NS,
             HAS_ROPE=has_rope, LOWP=lowp, DT=DT, num_warps=num_warps,
+            num_stages=num_stages,
         )
     return out
