@@ -316,10 +316,11 @@ class StreamingCache(Cache):
         """cos/sin the model used for the new tokens (memoised across layers of one forward)."""
         from ._compat import rotary_cos_sin
 
-        key = position_ids if position_ids is not None else (pos0, n)
+        # one forward = one (pos0, n); the position_ids object alone is not enough (a caller may
+        # update a static position buffer in place between forwards)
         memo = self._rope_memo
-        if memo is not None and (memo[0] is key or (isinstance(key, tuple) and isinstance(memo[0], tuple) and memo[0] == key)):
-            return memo[1], memo[2]
+        if memo is not None and memo[0] == (pos0, n) and memo[1] is position_ids:
+            return memo[2], memo[3]
         if position_ids is None:
             pid = (torch.arange(n, device=like.device) + pos0)[None]
         else:
@@ -328,7 +329,7 @@ class StreamingCache(Cache):
                 pid = pid[None]
             pid = pid[..., -n:]
         cos, sin = rotary_cos_sin(self.rotary, pid, like.dtype, like.device)
-        self._rope_memo = (key, cos, sin)
+        self._rope_memo = ((pos0, n), position_ids, cos, sin)
         return cos, sin
 
     def _slot_table(self, device):

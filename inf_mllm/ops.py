@@ -139,7 +139,7 @@ def value_checks(enabled: Optional[bool] = None) -> bool:
 
 def _values_checkable(t: torch.Tensor, override: Optional[bool] = None) -> bool:
     if override is not None:
-        return override and not torch.compiler.is_compiling()
+        return override and not torch.compiler.is_compiling() and not (t.is_cuda and torch.cuda.is_current_stream_capturing())
     if not _VALUE_CHECKS:
         return False
     if torch.compiler.is_compiling():

@@ -197,3 +197,42 @@ def test_defaults_match_spec():
     assert p.capacity == 2048 + max(32, p.chunk)
     assert make_policy("h2o", budget=100).n_recent == 50
     assert make_policy("streaming_llm", budget=100, n_sink=4).n_recent == 96
+
+
+def test_inf_mllm_scores_one_period():
+    # scores at an eviction come from the last scoring period only (a prefill chunk or `window`
+    # decode steps), not from everything since the last eviction
+    pol = make_policy("inf_mllm", budget=16, n_sink=2, n_recent=4, window=4, chunk=8)
+    lay = FakeLayer(B=1, lengths=(10,), C=24)
+    lay.scores.fill_(7.0)  # left over from an earlier period
+    pol.before_attention(lay, 8, "prefill", lay.rows)
+    assert float(lay.scores.abs().sum()) == 0.0
+    lay.scores.fill_(3.0)
+    pol.before_attention(lay, 2, "prefill", lay.rows)  # chunk shorter than the window: keeps adding
+    assert float(lay.scores.min()) == 3.0
+    pol.before_attention(lay, 1, "decode", lay.rows)  # first decode step starts a period
+    assert float(lay.scores.abs().sum()) == 0.0
+    for _ in range(4):
+        lay.scores += 1.0
+        pol.after_attention(lay, 1, "decode", lay.rows)  # under budget: no eviction
+        pol.before_attention(lay, 1, "decode", lay.rows)
+    assert float(lay.scores.abs().sum()) == 0.0  # a new period began after `window` steps
+
+
+def test_compress_once_early_not_twice():
+    pol = make_policy("snapkv", budget=10, window=4, chunk=8)
+    lay = FakeLayer(B=1, H=1, lengths=(18,), C=18)
+    pol.before_attention(lay, 8, "prefill", lay.rows)
+    calls = []
+    orig = pol.compress
+    pol.compress = lambda layer, rows: (calls.append(list(rows)), orig(layer, rows))
+    pol.make_room(lay, 8, lay.rows)  # prompt longer than the buffer: compressed early
+    lay.len_host = [16]
+    pol.before_attention(lay, 1, "decode", lay.rows)
+    assert calls == [[0]]
+
+
+@pytest.mark.parametrize("name", ["window", "streaming_llm"])
+def test_window_policies_refuse_n_recent(name):
+    with pytest.raises(ValueError, match="n_recent does not apply"):
+        make_policy(name, budget=64, n_recent=16)

@@ -298,7 +298,7 @@ cudaError_t launch_compact_select(float* scores, const int32_t* length, int64_t*
   const size_t cache_bytes = static_cast<size_t>(C) * sizeof(unsigned);
   if (cache_bytes + static_smem <= static_cast<size_t>(smem_optin)) {
     auto kernel = compact_select_kernel<kSelectThreads, true>;
-    if (cache_bytes > 48 * 1024) {
+    if (cache_bytes + static_smem > 48 * 1024) {  // static + dynamic above the default needs the opt-in
       err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(cache_bytes));
       if (err != cudaSuccess) return err;
     }

@@ -44,6 +44,7 @@ class CompressOncePolicy(Policy):
         pending = layer.state.setdefault("pending", set())
         early = [b for b in rows if b in pending]
         if early:
+            pending.difference_update(early)  # compressed now: not again at the first decode step
             self.compress(layer, early)  # prompt longer than the buffer: compress now with what we have
         rest = [b for b in rows if b not in pending]
         if rest:

@@ -1,9 +1,9 @@
 """``inf_mllm`` (Ning et al. 2024): ``n_sink`` sinks + top relevant tokens + ``n_recent`` recent.
 
-Relevance: local sum of the attention of the last ``window`` queries since the last eviction,
-plus ``bias * slot`` per scoring query (favours newer tokens). Evicts after every prefill chunk
-that leaves a row over budget, and every ``window`` decode steps once over budget; scores are
-reset after each eviction. Rolling positions.
+Relevance: local sum of the attention of the last ``window`` queries (one scoring period: a
+prefill chunk, or ``window`` decode steps; scores start from zero at each period), plus
+``bias * slot`` per scoring query (favours newer tokens). Evicts after every prefill chunk that
+leaves a row over budget, and every ``window`` decode steps once over budget. Rolling positions.
 
 ``min_text_slots=N`` (multimodal quota, ours): after an eviction each KV head keeps at least
 ``min(N, text tokens held before it)`` text slots (sinks and recent count), so a stream of video
@@ -54,6 +54,18 @@ class InfMLLMPolicy(Policy):
     def score_window(self, layer, n, phase):
         return self.window
 
+    def before_attention(self, layer, n, phase, rows):
+        # A scoring period is one prefill chunk or `window` decode steps: scores start from zero
+        # at its beginning, so an eviction ranks by the last `window` queries only (not by
+        # everything since the last eviction while a row stayed under budget). A prefill chunk
+        # shorter than the window adds to what came before, keeping >= window queries.
+        steps = layer.state.setdefault("decode_steps", {})
+        for b in rows:
+            if (phase == "prefill" and n >= self.window) or (phase == "decode" and steps.get(b, 0) == 0):
+                layer.scores[b].zero_()
+            if phase == "prefill":
+                steps[b] = 0
+
     def score_bias(self, layer, phase):
         return self.bias
 
@@ -69,6 +81,11 @@ class InfMLLMPolicy(Policy):
             self.evict(layer, self.over_budget(layer, rows))
             return
         steps = layer.state.setdefault("decode_steps", {})
+        done = []
         for b in rows:
             steps[b] = steps.get(b, 0) + 1
-        self.evict(layer, [b for b in self.over_budget(layer, rows) if steps[b] >= self.window])
+            if steps[b] >= self.window:
+                done.append(b)
+        self.evict(layer, self.over_budget(layer, done))
+        for b in done:
+            steps[b] = 0  # the next decode step starts a new scoring period

@@ -28,9 +28,11 @@ class SnapKVPolicy(CompressOncePolicy):
             raise ValueError(f"inf_mllm: policy 'snapkv' needs window >= 1, got {self.window}")
 
     def before_attention(self, layer, n, phase, rows):
-        if phase == "prefill":
+        if phase == "prefill" and n >= self.window:
             for b in rows:
-                layer.scores[b].zero_()  # only the last prompt chunk's window queries count
+                # only the last prompt chunk's window queries count (a chunk shorter than the
+                # window adds to the previous one's, so the observation window stays >= w)
+                layer.scores[b].zero_()
         super().before_attention(layer, n, phase, rows)
 
     def prefill_score_window(self, layer, n):

@@ -9,6 +9,12 @@ class StreamingLLMPolicy(Policy):
     positions = ROLLING
     defaults = dict(budget=2048, n_sink=4, n_recent=None, window=0, bias=0.0)
 
+    def validate(self):
+        if self.n_recent != self.budget - self.n_sink:
+            raise ValueError(
+                f"inf_mllm: policy 'streaming_llm' keeps n_sink + the last budget - n_sink tokens; n_recent does not apply"
+            )
+
     def evict(self, layer, rows):
         layer.compact(self.budget, self.n_sink, self.budget - self.n_sink, reset_scores=True, rows=rows)
 
