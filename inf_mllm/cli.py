@@ -6,7 +6,7 @@
     inf-mllm eval ppl         streaming perplexity on long real text (Austen, KJV, --text)
     inf-mllm eval retrieval   LongEval-style line retrieval, accuracy vs distance
     inf-mllm eval rounds      multi-round streaming QA, accuracy per round bucket
-    inf-mllm report           collect the result JSONs into docs/results.md
+    inf-mllm report           collect the result JSONs into docs/results_tables.md
 
 Every command prints a table and writes ``<stem>.json`` (+ PNG plots) under ``--out``
 (default ``bench/results/<device>/``).
@@ -140,9 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep", default=None, metavar="KEY=V1,V2,...")
     p.set_defaults(func=cmd_eval_rounds)
 
-    p = sub.add_parser("report", help="collect result JSONs into a Markdown page (docs/results.md)")
+    p = sub.add_parser("report", help="collect result JSONs into a Markdown page (docs/results_tables.md)")
     p.add_argument("--results", default=os.path.join("bench", "results"), help="results root (default bench/results)")
-    p.add_argument("--out", default=os.path.join("docs", "results.md"), help="Markdown file to write (default docs/results.md)")
+    p.add_argument("--out", default=os.path.join("docs", "results_tables.md"), help="Markdown file to write (default docs/results_tables.md; docs/results.md is the hand-written summary)")
     p.set_defaults(func=cmd_report)
     return ap
 
