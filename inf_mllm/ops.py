@@ -12,6 +12,7 @@ References: :mod:`inf_mllm.reference`.
 from __future__ import annotations
 
 import glob
+import math
 import os
 import warnings
 from typing import Optional, Sequence
@@ -240,7 +241,12 @@ def attention_with_scores(
     _check_length(length, B, k.device)
     if scores is not None:
         _check_scores(scores, k)
-    _check(isinstance(window, int) and window >= 0, f"window must be a non-negative int, got {window!r}")
+    _check(isinstance(window, int) and not isinstance(window, bool) and window >= 0,
+           f"window must be a non-negative int, got {window!r}")
+    _check(isinstance(bias, (int, float)) and not isinstance(bias, bool) and math.isfinite(bias),
+           f"bias must be a finite number, got {bias!r}")
+    _check(scale is None or (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0),
+           f"scale must be a positive finite number, got {scale!r}")
     if (cos is None) != (sin is None):
         raise ValueError("inf_mllm: cos and sin must be given together")
     if cos is not None:

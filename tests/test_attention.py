@@ -403,3 +403,15 @@ def test_check_values_switch():
         assert torch.isfinite(out).all()
     finally:
         ops.value_checks(old)
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(window=True), "window must be a non-negative int"),
+    (dict(bias=float("nan")), "bias must be a finite number"),
+    (dict(scale=float("inf")), "scale must be a positive finite number"),
+    (dict(scale=-1.0), "scale must be a positive finite number"),
+])
+def test_bad_scalar_arguments(kw, match):
+    q, k, v, length, scores, cos, sin = make_inputs(1, 2, 2, 64, 1, 16, [16], torch.float32, poison="huge")
+    with pytest.raises(ValueError, match=match):
+        ops.attention_with_scores(q, k, v, length, scores, **kw)
