@@ -8,41 +8,14 @@ bytes read + written).
 """
 from __future__ import annotations
 
-import statistics
-import time
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
+from ..benchmarks.attention import time_fn
 from .common import progress
 
-__all__ = ["copy_bandwidth", "run_ops_bench", "time_fn"]
-
-
-def time_fn(fn: Callable[[], Any], device: str, *, warmup: int = 3, reps: int = 20, max_seconds: float = 2.0) -> List[float]:
-    """Wall-clock seconds of ``fn()`` (CUDA events on GPU), ``reps`` samples after warm-up."""
-    cuda = str(device).startswith("cuda")
-    for _ in range(warmup):
-        fn()
-    if cuda:
-        torch.cuda.synchronize()
-    out = []
-    t_start = time.perf_counter()
-    for _ in range(reps):
-        if cuda:
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            out.append(a.elapsed_time(b) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            out.append(time.perf_counter() - t0)
-        if len(out) >= 3 and time.perf_counter() - t_start > max_seconds:
-            break
-    return out
+__all__ = ["copy_bandwidth", "run_ops_bench"]
 
 
 def copy_bandwidth(device: str, nbytes: Optional[int] = None) -> Dict[str, float]:
@@ -53,8 +26,7 @@ def copy_bandwidth(device: str, nbytes: Optional[int] = None) -> Dict[str, float
     n = nbytes // 4
     src = torch.ones(n, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
-    ts = time_fn(lambda: dst.copy_(src), device, warmup=2, reps=10 if cuda else 5, max_seconds=5.0)
-    med = statistics.median(ts)
+    med = time_fn(lambda: dst.copy_(src), torch.device(device), warmup=2, reps=10 if cuda else 5) / 1e3
     del src, dst
     return {"bytes": n * 4, "seconds": med, "GBps": 2 * n * 4 / med / 1e9}
 
