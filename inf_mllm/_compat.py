@@ -108,21 +108,22 @@ def is_multimodal(model) -> bool:
     return text_config_key(model) is not None and getattr(model.config, "vision_config", None) is not None
 
 
+def _submodule(model, name: str):
+    """``model.model.<name>`` (transformers 5 layout) or ``model.<name>``, if it is a module."""
+    for owner in (getattr(model, "model", None), model):
+        sub = getattr(owner, name, None) if owner is not None else None
+        if isinstance(sub, torch.nn.Module):
+            return sub
+    return None
+
+
 def language_model(model):
     """The decoder (text) model inside a VLM (``model.model.language_model`` in transformers 5), or ``None``."""
-    for owner in (getattr(model, "model", None), model):
-        lm = getattr(owner, "language_model", None) if owner is not None else None
-        if isinstance(lm, torch.nn.Module):
-            return lm
-    return None
+    return _submodule(model, "language_model")
 
 
 def vision_tower(model):
-    for owner in (getattr(model, "model", None), model):
-        vt = getattr(owner, "vision_tower", None) if owner is not None else None
-        if isinstance(vt, torch.nn.Module):
-            return vt
-    return None
+    return _submodule(model, "vision_tower")
 
 
 def _vision_attn_impls(model):
