@@ -20,8 +20,7 @@ pytest.importorskip("matplotlib")
 from inf_mllm import cli  # noqa: E402
 from inf_mllm.evals import engine  # noqa: E402
 
-HAS_API = engine._has_api()
-POLICIES = engine.POLICIES if HAS_API else ["full"]
+POLICIES = engine.POLICIES
 # one thread: tiny matmuls gain nothing from more, and on a shared CI machine OpenMP threads
 # spinning against other processes made these tests ~3x slower
 SMALL = ["--model", "tiny-random", "--budget", "256", "--n-recent", "32", "--chunk", "64", "--no-progress", "--threads", "1",
@@ -117,7 +116,6 @@ def test_eval_ppl(tmp_path, text_file, capsys):
     assert "eval ppl" in capsys.readouterr().out
 
 
-@pytest.mark.skipif(not HAS_API, reason="needs inf_mllm.enable")
 def test_eval_ppl_sweep(tmp_path, text_file):
     args = [a if a != ",".join(POLICIES) else "inf_mllm" for a in SMALL]
     _run(["eval", "ppl", *args, "--text", text_file, "--max-tokens", "600", "--sweep", "bias=0,1e-2", "--tag", "bias"], tmp_path)
@@ -203,7 +201,7 @@ def test_bench_stream(tmp_path):
         assert r["latency_ms"] > 0 and r["cache_MiB"] > 0 and r["rss_MiB"] > 0
         if r["policy"] != "full":
             assert r["cache_slots"] <= 256 + 64
-    if "full" in POLICIES and HAS_API:
+    if "full" in POLICIES:
         full = {r["tokens"]: r["cache_slots"] for r in ok if r["policy"] == "full"}
         assert full[1024] > full[256]
 

@@ -1,9 +1,8 @@
 """Helpers shared by the evaluations: progress bars, checkpoints, policy grids."""
 from __future__ import annotations
 
-import math
 import sys
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 __all__ = ["progress", "doubling", "parse_int_list", "parse_sweep", "policy_grid", "SIZE_SUFFIX", "parse_size"]
 

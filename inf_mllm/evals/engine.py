@@ -8,12 +8,9 @@ code runs (and is tested) on its own.
 """
 from __future__ import annotations
 
-import contextlib
 import gc
 import importlib.util
-import math
 import os
-import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -26,7 +23,6 @@ __all__ = [
     "PolicyRunner",
     "POLICIES",
     "parse_policy_args",
-    "tensor_bytes",
     "process_rss",
     "is_oom",
 ]
@@ -213,33 +209,6 @@ def _num(v: str):
     return v
 
 
-def tensor_bytes(obj: Any, _seen: Optional[set] = None, _depth: int = 0) -> int:
-    """Bytes of all distinct tensors reachable from ``obj`` (attributes, lists, dicts; depth <= 4)."""
-    seen = set() if _seen is None else _seen
-    if isinstance(obj, torch.Tensor):
-        try:
-            key = (obj.untyped_storage().data_ptr(), obj.device)
-            if key in seen:
-                return 0
-            seen.add(key)
-            return obj.untyped_storage().nbytes()
-        except Exception:
-            return obj.numel() * obj.element_size()
-    if _depth > 4 or obj is None or isinstance(obj, (str, bytes, int, float, bool, torch.nn.Module)):
-        return 0
-    if id(obj) in seen:
-        return 0
-    seen.add(id(obj))
-    if isinstance(obj, dict):
-        return sum(tensor_bytes(v, seen, _depth + 1) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(tensor_bytes(v, seen, _depth + 1) for v in obj)
-    d = getattr(obj, "__dict__", None)
-    if d:
-        return sum(tensor_bytes(v, seen, _depth + 1) for v in d.values())
-    return 0
-
-
 def process_rss() -> int:
     try:
         import psutil
@@ -253,42 +222,6 @@ def is_oom(e: BaseException) -> bool:
     if isinstance(e, getattr(torch, "OutOfMemoryError", ())) or isinstance(e, MemoryError):
         return True
     return "out of memory" in str(e).lower()
-
-
-def _api():
-    """``(enable, stream)`` of the streaming API, or ``None`` when it is absent.
-
-    Imported from their modules directly (not through the package's lazy attributes), so it
-    also works when ``inf_mllm`` resolves as a namespace package (a broken editable install).
-    """
-    import importlib
-
-    try:
-        importlib.import_module("inf_mllm.ops")
-        enable = importlib.import_module("inf_mllm.api").enable
-    except ImportError as e:
-        if "inf_mllm.api" in str(e) or getattr(e, "name", "") == "inf_mllm.api":
-            return None
-        raise
-    stream = None
-    for mod in ("inf_mllm.streaming", "inf_mllm.stream"):
-        try:
-            stream = importlib.import_module(mod).stream
-            break
-        except (ImportError, AttributeError):
-            continue
-    return enable, stream
-
-
-def _has_api() -> bool:
-    try:
-        return _api() is not None
-    except Exception as e:  # noqa: BLE001  (a broken API counts as absent, loudly)
-        import warnings
-
-        warnings.warn(f"inf_mllm.enable could not be imported ({type(e).__name__}: {e}); only `full` (HF DynamicCache) runs",
-                      RuntimeWarning, stacklevel=2)
-        return False
 
 
 # Which of the CLI's policy arguments each policy takes (the others keep the policy's own,
@@ -327,26 +260,12 @@ class PolicyRunner:
         self.policy_args = policy_kwargs(policy, dict(policy_args or {}))
         self.chunk = int(chunk)
         self.device = bundle.device
-        self.backend = None
-        self._api_stream = None
-        self._api_enable = None
-        if _has_api():
-            self.backend = "inf_mllm"
-            self._api_enable, self._api_stream = _api()
-        elif policy == "full":
-            self.backend = "hf-dynamic"
-        else:
-            raise NotImplementedError(
-                f"policy {policy!r} needs inf_mllm.enable (the streaming cache), which this build does not have"
-            )
 
     # -- cache ------------------------------------------------------------------------
     def new_cache(self):
-        if self.backend == "hf-dynamic":
-            from transformers import DynamicCache
+        from ..api import enable
 
-            return DynamicCache(config=self.model.config)
-        cache = self._api_enable(self.model, policy=self.policy, chunk=self.chunk, **self.policy_args)
+        cache = enable(self.model, policy=self.policy, chunk=self.chunk, **self.policy_args)
         pol = getattr(cache, "policy", None)
         if pol is not None and getattr(pol, "params", None) is not None:
             self.effective_args = dict(pol.params, chunk=getattr(pol, "chunk", self.chunk))
@@ -354,48 +273,17 @@ class PolicyRunner:
 
     effective_args: Optional[Dict[str, Any]] = None
 
-    def _stats(self, cache) -> Optional[Dict[str, Any]]:
-        f = getattr(cache, "stats", None)
-        if callable(f):
-            try:
-                return f()
-            except Exception:  # noqa: BLE001
-                return None
-        return None
-
     def cache_len(self, cache) -> int:
         """Slots the cache holds now (summed over batch rows)."""
-        st = self._stats(cache)
-        if st and "slots_used" in st:
-            return int(st["slots_used"])
-        for attr in ("get_seq_length", "seq_length", "__len__"):
-            f = getattr(cache, attr, None)
-            if callable(f):
-                try:
-                    return int(f())
-                except Exception:
-                    pass
-        return -1
+        return int(cache.stats()["slots_used"])
 
     def cache_bytes(self, cache) -> int:
         """Bytes of the cache's buffers."""
-        st = self._stats(cache)
-        if st and "cache_bytes" in st:
-            return int(st["cache_bytes"])
-        for attr in ("nbytes", "memory_bytes", "cache_bytes"):
-            f = getattr(cache, attr, None)
-            if f is not None:
-                try:
-                    return int(f() if callable(f) else f)
-                except Exception:
-                    pass
-        return tensor_bytes(cache)
+        return int(cache.stats()["cache_bytes"])
 
     # -- forward ----------------------------------------------------------------------
-    def _forward(self, ids: torch.Tensor, cache, all_logits: bool):
-        kw = {} if all_logits else {"logits_to_keep": 1}
-        out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, **kw)
-        return out.logits
+    def _forward(self, ids: torch.Tensor, cache):
+        return self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
 
     @torch.inference_mode()
     def feed(
@@ -421,42 +309,28 @@ class PolicyRunner:
         n = ids.shape[1]
         nll = torch.full((n,), float("nan"), dtype=torch.float32) if want_nll else None
         last = prev_logits
-        if self._api_stream is not None:
-            for s in range(0, n, chunk):
-                piece = ids[:, s: s + chunk]
-                m = piece.shape[1]
-                if want_nll:
-                    logits, part = self._api_stream(self.model, input_ids=piece, cache=cache, chunk=chunk, return_nll=True)
-                    if m > 1:
-                        nll[s + 1: s + m] = part[0].float().cpu()
-                    if last is not None:
-                        nll[s] = -torch.log_softmax(last.float(), -1)[piece[0, 0]].cpu()
-                else:
-                    logits = self._api_stream(self.model, input_ids=piece, cache=cache, chunk=chunk)
-                last = logits[0].float()
-                if progress is not None:
-                    progress.update(m)
-            return nll, last
+        from ..streaming import stream
+
         for s in range(0, n, chunk):
             piece = ids[:, s: s + chunk]
-            logits = self._forward(piece, cache, all_logits=want_nll)[0].float()  # [m or 1, V]
+            m = piece.shape[1]
             if want_nll:
-                m = piece.shape[1]
-                lp = torch.log_softmax(logits, dim=-1)
-                tgt = piece[0]
+                logits, part = stream(self.model, input_ids=piece, cache=cache, chunk=chunk, return_nll=True)
                 if m > 1:
-                    nll[s + 1: s + m] = -lp[:-1].gather(-1, tgt[1:, None])[:, 0].cpu()
+                    nll[s + 1: s + m] = part[0].float().cpu()
                 if last is not None:
-                    nll[s] = -torch.log_softmax(last.float(), -1)[tgt[0]].cpu()
-            last = logits[-1]
+                    nll[s] = -torch.log_softmax(last.float(), -1)[piece[0, 0]].cpu()
+            else:
+                logits = stream(self.model, input_ids=piece, cache=cache, chunk=chunk)
+            last = logits[0].float()
             if progress is not None:
-                progress.update(piece.shape[1])
+                progress.update(m)
         return nll, last
 
     @torch.inference_mode()
     def decode(self, cache, token: int) -> torch.Tensor:
         ids = torch.tensor([[int(token)]], device=self.device)
-        return self._forward(ids, cache, all_logits=False)[0, -1].float()
+        return self._forward(ids, cache)[0, -1].float()
 
     @torch.inference_mode()
     def greedy(self, cache, last_logits: torch.Tensor, max_new_tokens: int, stop_ids: Sequence[int] = ()):

@@ -64,11 +64,7 @@ def run_ppl(
         if policy == "full" and max_ctx and n > max_ctx and not full_past_context:
             limit = max_ctx
             status = f"stopped at trained context {max_ctx}"
-        try:
-            runner = PolicyRunner(bundle, policy, args, chunk=chunk)
-        except NotImplementedError as e:
-            rows.append({"policy": label, "tokens": 0, "status": f"unavailable: {e}"})
-            continue
+        runner = PolicyRunner(bundle, policy, args, chunk=chunk)
         cache = runner.new_cache()
         t0 = time.perf_counter()
         bar = progress(limit, f"ppl {label}")

@@ -103,11 +103,7 @@ def run_retrieval(
     rows, details, notes = [], [], []
     stop_ids = [i for i in (getattr(tok, "eos_token_id", None),) if i is not None]
     for label, policy, args in policy_grid(policies, policy_args, sweep):
-        try:
-            runner = PolicyRunner(bundle, policy, args, chunk=chunk)
-        except NotImplementedError as e:
-            rows.append({"policy": label, "status": f"unavailable: {e}"})
-            continue
+        runner = PolicyRunner(bundle, policy, args, chunk=chunk)
         per_d: Dict[int, List[int]] = {d: [] for d in distances}
         skipped: Dict[int, str] = {}
         bar = progress(sum(len(c["ids"]) for c in cases), f"retrieval {label}")

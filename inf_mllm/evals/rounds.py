@@ -96,11 +96,7 @@ def run_rounds(
     rows, per_round, notes = [], {}, []
     stop_ids = [i for i in (getattr(tok, "eos_token_id", None),) if i is not None]
     for label, policy, args in policy_grid(policies, policy_args, sweep):
-        try:
-            runner = PolicyRunner(bundle, policy, args, chunk=chunk)
-        except NotImplementedError as e:
-            rows.append({"policy": label, "status": f"unavailable: {e}"})
-            continue
+        runner = PolicyRunner(bundle, policy, args, chunk=chunk)
         cache = runner.new_cache()
         streamed = 0
         status = "ok"
