@@ -2,9 +2,8 @@
 a policy, feed tokens in chunks (optionally returning per-token NLL), decode greedily, and
 measure what the cache holds.
 
-Everything goes through the public API (``inf_mllm.enable`` / ``inf_mllm.stream``) when it is
-available; the ``full`` policy falls back to transformers' ``DynamicCache`` so the evaluation
-code runs (and is tested) on its own.
+Everything goes through the public API (``inf_mllm.enable`` / ``inf_mllm.stream``), every
+policy including ``full``.
 """
 from __future__ import annotations
 
