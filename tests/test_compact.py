@@ -348,8 +348,9 @@ def test_torch_compile(device, backend):
     idx, total = compiled(*a[:4], a[4][0])
     ref_idx = compact_ref_(*r[:4], budget=64, n_sink=4, n_recent=8, reset_scores=False, extras=r[4], return_indices=True)
     assert torch.equal(idx, ref_idx)
-    assert_same(a, r, "torch.compile")
-    assert torch.equal(total, r[2].sum())
+    assert_same(a, r, "torch.compile")  # moved values and indices: bit-exact
+    # a float reduction: inductor may sum in another order (threads, vector width) than eager
+    torch.testing.assert_close(total, r[2].sum(), rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------
