@@ -2,17 +2,22 @@
 
 Registered through ``AttentionInterface`` / ``AttentionMaskInterface`` (no monkey-patching).
 The mask function hands the 2-D padding mask through unchanged (the attention function strips
-pad tokens per row); the attention function finds the :class:`~inf_mllm.cache.StreamingLayer`
-from the key tensor ``update`` returned and runs the streaming attention + eviction.
-Called without a ``StreamingCache`` (e.g. ``use_cache=False``), it falls back to plain causal
-attention over the given keys so the model still works.
+pad tokens per row). The attention function gets back the key buffer that
+``StreamingLayer.update`` returned; the buffer names its layer (``buffers.OWNER_ATTR``), which
+must be the layer of the calling attention module (``module.layer_idx``), and the layer runs
+the streaming attention + eviction.
+
+A forward without a ``StreamingCache`` (``use_cache=False``, or another transformers cache)
+gets plain causal attention over the keys it passes, so the model still works.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ._compat import register_attention
-from .cache import ATTN_IMPL, owner_of
+from .buffers import OWNER_ATTR
+from .cache import ATTN_IMPL
 
 
 def inf_mllm_mask(batch_size=None, q_length=None, kv_length=None, q_offset=0, kv_offset=0, mask_function=None,
@@ -25,30 +30,33 @@ def inf_mllm_mask(batch_size=None, q_length=None, kv_length=None, q_offset=0, kv
     return attention_mask
 
 
-def _fallback(module, query, key, value, attention_mask, scaling):
-    B, Hq, n, D = query.shape
-    Hkv, T = key.shape[1], key.shape[2]
-    G = Hq // Hkv
+def _plain_attention(query, key, value, attention_mask, scaling):
+    """Causal attention of the last ``n`` of ``T`` positions, with an optional 2-D padding mask."""
+    n, T = query.shape[2], key.shape[2]
+    G = query.shape[1] // key.shape[1]
     k = key.repeat_interleave(G, dim=1)
     v = value.repeat_interleave(G, dim=1)
     i = torch.arange(n, device=query.device)[:, None] + (T - n)
-    j = torch.arange(T, device=query.device)[None, :]
-    allowed = (j <= i)[None, None]
+    allowed = (torch.arange(T, device=query.device)[None, :] <= i)[None, None]
     if attention_mask is not None and attention_mask.dim() == 2:
-        allowed = allowed & attention_mask[:, None, None, -T:].to(torch.bool)
-    logits = (query.float() @ k.float().transpose(-1, -2)) * scaling
-    logits = logits.masked_fill(~allowed, float("-inf"))
-    p = torch.softmax(logits, dim=-1).nan_to_num(0.0)
-    return (p @ v.float()).to(query.dtype)
+        allowed = allowed & attention_mask[:, None, None, -T:].to(device=query.device, dtype=torch.bool)
+    out = F.scaled_dot_product_attention(query, k, v, attn_mask=allowed, scale=scaling)
+    return out.nan_to_num(0.0)  # a fully padded query row
 
 
 def inf_mllm_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
-    layer = owner_of(key)
+    layer = getattr(key, OWNER_ATTR, None)
     if layer is None:
-        out = _fallback(module, query, key, value, attention_mask, scaling)
+        out = _plain_attention(query, key, value, attention_mask, scaling)
     else:
+        idx = getattr(module, "layer_idx", layer.layer_idx)
+        if layer.layer_idx != idx or layer.buf is None or layer.buf.k is not key:
+            raise RuntimeError(
+                f"inf_mllm: the attention of layer {idx} got the key buffer of StreamingCache layer {layer.layer_idx} "
+                "(stale or foreign); run each forward with the cache the keys came from"
+            )
         out = layer.attend(query, attention_mask, float(scaling), kwargs.get("position_ids"))
     return out.transpose(1, 2).contiguous(), None
 

@@ -132,8 +132,8 @@ def _mask_and_positions(cache, chunk_mask):
     """HF-style 2-D mask (past assumed real: pads were stripped) and per-row positions for a chunk."""
     B = chunk_mask.shape[0]
     seen = cache.get_seq_length()
-    layer0 = cache.layers[0]
-    base = layer0.row_pos if layer0.is_initialized else torch.zeros(B, dtype=torch.long, device=chunk_mask.device)
+    buf0 = cache.layers[0].buf
+    base = buf0.fed if buf0 is not None else torch.zeros(B, dtype=torch.long, device=chunk_mask.device)
     pos = base.to(chunk_mask.device)[:, None] + chunk_mask.cumsum(-1) - 1
     pos = pos.clamp_min(0)
     mask = torch.cat([torch.ones(B, seen, dtype=torch.long, device=chunk_mask.device), chunk_mask], dim=1)

@@ -46,13 +46,13 @@ def test_small_budget_never_exceeds_capacity(model, policy):
     lg = inf_mllm.stream(model, ids[:, :300], cache=cache, chunk=8)
     for t in range(300, 400):
         for layer in cache.layers:
-            assert max(layer.len_host) <= pol.capacity
-            assert layer.k.shape[2] == pol.capacity  # allocated once, never grows
-            assert int(layer.length[0]) == layer.len_host[0]
+            assert max(layer.buf.lengths) <= pol.capacity
+            assert layer.buf.k.shape[2] == pol.capacity  # allocated once, never grows
+            assert int(layer.buf.length[0]) == layer.buf.lengths[0]
         lg = model(ids[:, t : t + 1], past_key_values=cache).logits
     for layer in cache.layers:
-        L = layer.len_host[0]
-        pos = layer.position[0, :, :L]
+        L = layer.buf.lengths[0]
+        pos = layer.buf.position[0, :, :L]
         seen = 400
         # sinks never evicted
         if pol.n_sink:
@@ -64,7 +64,7 @@ def test_small_budget_never_exceeds_capacity(model, policy):
         assert (pos[:, L - r :] == torch.arange(seen - r, seen, dtype=torch.int32)).all()
         # kept tokens in stream order, no duplicates
         assert (pos[:, 1:] > pos[:, :-1]).all()
-        assert (layer.modality[0, :, :L] == TEXT).all()
+        assert (layer.buf.modality[0, :, :L] == TEXT).all()
 
 
 @pytest.mark.parametrize("policy", ["streaming_llm", "window", "inf_mllm"])
@@ -78,9 +78,9 @@ def test_rolling_positions_exact_after_many_evictions(policy):
     for t in range(500, 599):
         m(ids[:, t : t + 1], past_key_values=cache)
     layer = cache.layers[0]
-    assert layer.n_evictions > 50
-    L = layer.len_host[0]
-    pos = layer.position[0, :, :L].long()  # [Hkv, L] original positions of the kept tokens
+    assert layer.buf.evictions > 50
+    L = layer.buf.lengths[0]
+    pos = layer.buf.position[0, :, :L].long()  # [Hkv, L] original positions of the kept tokens
     # 1) stored keys are bit-for-bit what a fresh projection gives (un-rotated), values too
     attn = m.model.layers[0].self_attn
     with torch.no_grad():
@@ -88,8 +88,8 @@ def test_rolling_positions_exact_after_many_evictions(policy):
         k = attn.k_proj(h).view(1, 600, -1, attn.head_dim).transpose(1, 2)
         v = attn.v_proj(h).view(1, 600, -1, attn.head_dim).transpose(1, 2)
     for hh in range(pos.shape[0]):
-        torch.testing.assert_close(layer.k[0, hh, :L], k[0, hh, pos[hh]], atol=2e-6, rtol=1e-5)
-        torch.testing.assert_close(layer.v[0, hh, :L], v[0, hh, pos[hh]])
+        torch.testing.assert_close(layer.buf.k[0, hh, :L], k[0, hh, pos[hh]], atol=2e-6, rtol=1e-5)
+        torch.testing.assert_close(layer.buf.v[0, hh, :L], v[0, hh, pos[hh]])
     # 2) next-token logits equal a fresh model over the kept tokens at positions 0..L (all heads keep
     #    the same set for window/streaming_llm)
     if policy != "inf_mllm":

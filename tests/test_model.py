@@ -37,9 +37,9 @@ def test_long_stream_small_budget_real_model(smollm):  # noqa: F811
         inf_mllm.stream(model, ids[:, s : s + 1024], cache=cache, chunk=128)
         T = s + 1024
         for layer in cache.layers:
-            assert max(layer.len_host) <= cache.capacity == 128 + 128
-            L = layer.len_host[0]
-            pos = layer.position[0, :, :L]
+            assert max(layer.buf.lengths) <= cache.capacity == 128 + 128
+            L = layer.buf.lengths[0]
+            pos = layer.buf.position[0, :, :L]
             assert (pos[:, :4] == torch.arange(4, dtype=torch.int32)).all()  # sinks
             assert (pos[:, L - 32 :] == torch.arange(T - 32, T, dtype=torch.int32)).all()  # recent window
     assert cache.get_seq_length() == 4096
@@ -47,13 +47,13 @@ def test_long_stream_small_budget_real_model(smollm):  # noqa: F811
     # must equal a fresh projection of the kept tokens
     attn = model.model.layers[0].self_attn
     layer = cache.layers[0]
-    L = layer.len_host[0]
-    pos = layer.position[0, :, :L].long()
+    L = layer.buf.lengths[0]
+    pos = layer.buf.position[0, :, :L].long()
     with torch.no_grad():
         h = model.model.layers[0].input_layernorm(model.model.embed_tokens(ids))
         k = attn.k_proj(h).view(1, 4096, -1, attn.head_dim).transpose(1, 2)
     for hh in range(pos.shape[0]):
-        torch.testing.assert_close(layer.k[0, hh, :L], k[0, hh, pos[hh]], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(layer.buf.k[0, hh, :L], k[0, hh, pos[hh]], atol=1e-5, rtol=1e-5)
 
 
 def test_padded_batch_real_model(smollm):  # noqa: F811

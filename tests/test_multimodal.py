@@ -7,10 +7,11 @@ import pytest
 import torch
 
 import inf_mllm
-from inf_mllm import ops
 from inf_mllm.evals.video_bench import tiny_llava
 from inf_mllm.modality import IMAGE, TEXT, VIDEO
 from inf_mllm.policies import make_policy
+
+from _buffers import filled_buffers
 
 TOK_PER_IMG = 4  # 32x32 image, 16x16 patches, CLS dropped
 
@@ -66,7 +67,7 @@ def test_enable_attaches_to_language_model_only():
     assert m.config.vision_config._attn_implementation != "inf_mllm"
     assert m.model.vision_tower.config._attn_implementation != "inf_mllm"
     assert len(cache.layers) == m.config.text_config.num_hidden_layers
-    assert cache.rotary is m.model.language_model.rotary_emb
+    assert cache.rope.rotary is m.model.language_model.rotary_emb
     from inf_mllm._compat import attention_modules
 
     assert len(attention_modules(m)) == m.config.text_config.num_hidden_layers
@@ -157,18 +158,18 @@ def test_memory_flat_over_200_frames(frames):
     seen_bytes, rss = set(), []
     maxlen = 0
 
-    def spy(layer_compact, layer):
+    def spy(compact, buf):
         def f(*a, **k):
             nonlocal maxlen
-            maxlen = max(maxlen, layer.max_length())
-            return layer_compact(*a, **k)
+            maxlen = max(maxlen, buf.max_length())
+            return compact(*a, **k)
         return f
 
     for layer in s.cache.layers:
-        layer.compact = spy(layer.compact, layer)
+        layer.buf.compact = spy(layer.buf.compact, layer.buf)
     for i in range(0, 200, 10):
         s.append_video(frames[i : i + 10], frames_per_chunk=2)
-        lens = [ln for layer in s.cache.layers for ln in layer.len_host]
+        lens = [ln for layer in s.cache.layers for ln in layer.buf.lengths]
         assert max(lens) <= 64
         seen_bytes.add(s.stats()["cache_bytes"])
         rss.append(process_rss())
@@ -206,43 +207,21 @@ def test_min_text_slots_quota_model(frames):
         s.append("USER: the key is 7391, the door is red, keep it.")  # 49 text tokens
         s.append_video(frames[:40], frames_per_chunk=4)
         layer = s.cache.layers[-1]
-        got[q] = int((layer.modality[0, :, : layer.len_host[0]] == TEXT).sum(-1).min())
+        got[q] = int((layer.buf.modality[0, :, : layer.buf.lengths[0]] == TEXT).sum(-1).min())
     assert got[24] >= 24
     assert got[0] < 24
 
 
-class _Layer:
-    def __init__(self, T=40, C=48, H=2, seed=0):
-        g = torch.Generator().manual_seed(seed)
-        self.k = torch.randn(1, H, C, 4, generator=g)
-        self.v = torch.randn(1, H, C, 4, generator=g)
-        self.scores = torch.rand(1, H, C, generator=g)
-        self.length = torch.tensor([T], dtype=torch.int32)
-        self.len_host = [T]
-        self.modality = torch.full((1, H, C), IMAGE, dtype=torch.int8)
-        self.position = torch.arange(C, dtype=torch.int32).expand(1, H, C).contiguous()
-        self.state = {}
-        self.C = C
-
-    def max_length(self):
-        return max(self.len_host)
-
-    def compact(self, budget, n_sink, n_recent, reset_scores=True, rows=None):
-        ops.compact_(self.k, self.v, self.scores, self.length, budget=budget, n_sink=n_sink, n_recent=n_recent,
-                     reset_scores=reset_scores, extras=(self.modality, self.position))
-        self.len_host = [budget]
-
-
 @pytest.mark.parametrize("quota,n_text", [(0, 10), (6, 10), (10, 10), (10, 4), (16, 30)])
 def test_min_text_slots_quota_synthetic(quota, n_text):
-    lay = _Layer()
+    pol = make_policy("inf_mllm", budget=20, n_sink=2, n_recent=4, window=4, chunk=8, min_text_slots=quota)
+    lay = filled_buffers(B=1, H=2, C=48, lengths=(40,), policy=pol, modality=IMAGE)
     text_slots = torch.arange(5, 5 + n_text)
     lay.modality[0, :, text_slots] = TEXT
     lay.scores[0, :, text_slots] = 0.0  # text scored worst: only the quota can keep it
-    pol = make_policy("inf_mllm", budget=20, n_sink=2, n_recent=4, window=4, chunk=8, min_text_slots=quota)
     pol.evict(lay, [0])
     kept_text = (lay.modality[0, :, :20] == TEXT).sum(-1)
-    assert lay.len_host == [20]
+    assert lay.lengths == [20]
     want = min(quota, n_text, 20 - 2 - 4)
     assert (kept_text >= want).all() and (kept_text <= want).all()  # text scored worst: exactly the quota
     # sinks and recent are still kept: positions 0, 1 and the last 4

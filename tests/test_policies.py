@@ -1,58 +1,40 @@
-"""Policy selection on synthetic buffers (no model) and argument checking."""
+"""Policy selection on real ``KVBuffers`` (no model) and argument checking."""
 import pytest
 import torch
 
-import inf_mllm
 from inf_mllm import ops
 from inf_mllm.modality import IMAGE, TEXT
-from inf_mllm.policies import Policy, available_policies, make_policy, register_policy, select_keep
+from inf_mllm.policies import Policy, Scoring, available_policies, make_policy, register_policy, select_keep
 from inf_mllm.policies.look_m import merge_row_
 
-ALL = ["full", "window", "streaming_llm", "h2o", "snapkv", "look_m", "inf_mllm"]
+from _buffers import filled_buffers
 
 
-class FakeLayer:
-    """The part of StreamingLayer a policy uses."""
-
-    def __init__(self, B=2, H=2, C=32, D=4, lengths=(32, 20), seed=0):
-        g = torch.Generator().manual_seed(seed)
-        self.k = torch.randn(B, H, C, D, generator=g)
-        self.v = torch.randn(B, H, C, D, generator=g)
-        self.scores = torch.rand(B, H, C, generator=g)
-        self.length = torch.tensor(lengths, dtype=torch.int32)
-        self.len_host = list(lengths)
-        self.modality = torch.zeros(B, H, C, dtype=torch.int8)
-        self.position = torch.arange(C, dtype=torch.int32).expand(B, H, C).contiguous()
-        self.state = {}
-        self.C = C
-
-    def max_length(self):
-        return max(self.len_host)
-
-    def compact(self, budget, n_sink, n_recent, reset_scores=True, rows=None):
-        rows = range(len(self.len_host)) if rows is None else rows
-        for b in rows:
-            if self.len_host[b] <= budget:
-                continue
-            g = slice(b, b + 1)
-            ops.compact_(self.k[g], self.v[g], self.scores[g], self.length[g], budget=budget, n_sink=n_sink,
-                         n_recent=n_recent, reset_scores=reset_scores, extras=(self.modality[g], self.position[g]))
-            self.len_host[b] = budget
-
-    @property
-    def rows(self):
-        return list(range(len(self.len_host)))
+def rows(buf):
+    return list(range(buf.batch))
 
 
-def test_registry_lists_all():
-    assert set(ALL) <= set(available_policies())
+def after_call(pol, buf, n, phase):
+    """What the cache does right after a call of ``n`` tokens: evict the rows that are due."""
+    pol.evict(buf, pol.due(buf, n, phase, rows(buf)))
+
+
+def test_registry_finds_every_policy_module():
+    import pkgutil
+
+    import inf_mllm.policies as pkg
+
+    modules = {m.name for m in pkgutil.iter_modules(pkg.__path__) if not m.name.startswith("_") and m.name != "base"}
+    names = set(available_policies())
+    assert {"full", "window", "streaming_llm", "h2o", "snapkv", "look_m", "inf_mllm"} <= names
+    assert len(names) >= len(modules)  # every module registers (at least) one policy
 
 
 def test_select_keep_matches_compact():
     for seed in range(5):
-        lay = FakeLayer(seed=seed, lengths=(32, 27))
+        lay = filled_buffers(seed=seed, lengths=(32, 27))
         lay.scores[:, :, 5:9] = 0.5  # ties
-        keeps = [select_keep(lay.scores[b], lay.len_host[b], 16, 2, 3) for b in range(2)]
+        keeps = [select_keep(lay.scores[b], lay.lengths[b], 16, 2, 3) for b in range(2)]
         idx = ops.compact_(lay.k, lay.v, lay.scores.clone(), lay.length.clone(), budget=16, n_sink=2, n_recent=3,
                            return_indices=True)
         for b in range(2):
@@ -63,9 +45,9 @@ def test_select_keep_matches_compact():
 @pytest.mark.parametrize("name", ["window", "streaming_llm"])
 def test_window_and_streaming_keep_recent(name):
     pol = make_policy(name, budget=12, n_sink=0 if name == "window" else 3, chunk=4)
-    lay = FakeLayer(lengths=(32, 10), C=32)
-    pol.after_attention(lay, 4, "prefill", lay.rows)
-    assert lay.len_host == [12, 10]
+    lay = filled_buffers(lengths=(32, 10), C=32, policy=pol)
+    after_call(pol, lay, 4, "prefill")
+    assert lay.lengths == [12, 10]
     pos = lay.position[0, 0, :12].tolist()
     expect = list(range(20, 32)) if name == "window" else [0, 1, 2] + list(range(23, 32))
     assert pos == expect
@@ -74,58 +56,58 @@ def test_window_and_streaming_keep_recent(name):
 
 def test_h2o_cumulative_scores_move_with_tokens():
     pol = make_policy("h2o", budget=8, n_recent=3, chunk=4)
-    assert pol.score_window(None, 5, "prefill") == 5 and pol.n_sink == 0
-    lay = FakeLayer(lengths=(32, 32))
+    lay = filled_buffers(lengths=(32, 32), policy=pol)
+    assert pol.scoring(lay, 5, "prefill", rows(lay)) == Scoring(window=5) and pol.n_sink == 0
     lay.scores.zero_()
     lay.scores[:, :, [3, 7, 11, 13, 20]] = torch.tensor([5.0, 4.0, 3.0, 2.0, 1.0])
-    pol.after_attention(lay, 1, "decode", lay.rows)
+    after_call(pol, lay, 1, "decode")
     assert lay.position[0, 0, :8].tolist() == [3, 7, 11, 13, 20, 29, 30, 31]
     assert lay.scores[0, 0, :5].tolist() == [5.0, 4.0, 3.0, 2.0, 1.0]  # never reset
 
 
 def test_inf_mllm_eviction_timing():
-    pol = make_policy("inf_mllm", budget=16, n_sink=2, n_recent=4, window=4, chunk=8)
-    assert pol.capacity == 24 and pol.rolling and pol.bias == 1e-3
-    lay = FakeLayer(B=1, lengths=(20,), C=24)
-    pol.after_attention(lay, 8, "prefill", lay.rows)  # after every prefill chunk
-    assert lay.len_host == [16] and float(lay.scores.abs().sum()) == 0.0  # reset
+    pol = make_policy("inf_mllm", budget=16, n_sink=2, n_recent=4, window=4, chunk=8, h_life=0)
+    assert pol.capacity == 24 and pol.rolling
+    lay = filled_buffers(B=1, lengths=(20,), C=24, policy=pol)
+    after_call(pol, lay, 8, "prefill")  # after every prefill chunk
+    assert lay.lengths == [16] and float(lay.scores.abs().sum()) == 0.0  # reset
     for step in range(1, 5):
-        lay.len_host[0] += 1
-        lay.length += 1
-        pol.after_attention(lay, 1, "decode", lay.rows)
-        assert lay.len_host == ([16 + step] if step < 4 else [16])
+        lay.append(torch.randn(1, 2, 1, 4), torch.randn(1, 2, 1, 4), TEXT)
+        after_call(pol, lay, 1, "decode")
+        assert lay.lengths == ([16 + step] if step < 4 else [16])
 
 
 def test_snapkv_pooled_selection():
     pol = make_policy("snapkv", budget=10, window=4, chunk=8)
     assert pol.n_recent == 4 and not pol.rolling
-    lay = FakeLayer(B=1, H=1, lengths=(30,), C=32)
+    lay = filled_buffers(B=1, H=1, lengths=(30,), C=32, policy=pol)
     lay.scores.zero_()
+    pol.before(lay, 8, "prefill", rows(lay))
+    assert pol.scoring(lay, 8, "prefill", rows(lay)).restart == (0,)  # a chunk >= window restarts the scores
+    assert pol.scoring(lay, 2, "prefill", rows(lay)).restart == ()  # a shorter one adds to them
     lay.scores[0, 0, 10] = 1.0  # one peak: pooling (kernel 7) spreads it over 7..13
-    pol.before_attention(lay, 8, "prefill", lay.rows)
-    lay.scores[0, 0, 10] = 1.0
-    pol.before_attention(lay, 1, "decode", lay.rows)  # end of prefill -> compress once
+    pol.before(lay, 1, "decode", rows(lay))  # end of prefill -> compress once
     assert lay.position[0, 0, :10].tolist() == [7, 8, 9, 10, 11, 12, 26, 27, 28, 29]
-    lay.len_host = [10]
-    pol.before_attention(lay, 1, "decode", lay.rows)  # no second compression
-    assert lay.len_host == [10]
+    assert lay.scores[0, 0, 3] == 1.0  # the scores (not the pooled ranking) move with their tokens
+    pol.before(lay, 1, "decode", rows(lay))  # no second compression
+    assert lay.lengths == [10] and lay.evictions == 1
 
 
 def test_compress_once_never_exceeds_capacity():
     pol = make_policy("snapkv", budget=10, window=4, chunk=8)
-    lay = FakeLayer(B=1, H=1, lengths=(18,), C=18)
-    pol.make_room(lay, 1, lay.rows)  # buffer full during decode: evict back to budget
-    assert lay.len_host == [10]
+    lay = filled_buffers(B=1, H=1, lengths=(18,), C=18, policy=pol)
+    pol.make_room(lay, 1, rows(lay))  # buffer full during decode: evict back to budget
+    assert lay.lengths == [10]
 
 
 def test_look_m_text_prior_and_merge():
     pol = make_policy("look_m", budget=8, n_recent=2, merge="average", chunk=4)
-    lay = FakeLayer(B=1, H=1, lengths=(16,), C=16)
+    lay = filled_buffers(B=1, H=1, lengths=(16,), C=16, policy=pol)
     lay.modality[0, 0, :12] = IMAGE
     lay.modality[0, 0, 12:] = TEXT
     lay.scores[0, 0] = torch.arange(16.0).flip(0)  # images score higher, text lower
     k0, v0 = lay.k.clone(), lay.v.clone()
-    pol.compress(lay, lay.rows)
+    pol.compress(lay, rows(lay))
     pos = lay.position[0, 0, :8].tolist()
     # text (12..15, incl. the 2 recent) first, then the best images (0..3)
     assert pos == [0, 1, 2, 3, 12, 13, 14, 15]
@@ -162,13 +144,11 @@ def test_new_policy_is_one_class():
         name = "_test_keep_first"
         defaults = dict(budget=8, n_sink=8, n_recent=0, window=0, bias=0.0)
 
-        def after_attention(self, layer, n, phase, rows):
-            self.evict(layer, self.over_budget(layer, rows))
-
     pol = make_policy("_test_keep_first", chunk=4)
-    lay = FakeLayer(lengths=(20, 5))
-    pol.after_attention(lay, 4, "prefill", lay.rows)
+    lay = filled_buffers(lengths=(20, 5), policy=pol)
+    after_call(pol, lay, 4, "prefill")
     assert lay.position[0, 0, :8].tolist() == list(range(8))
+    assert "_test_keep_first" not in available_policies()  # names with "_" are private (tests)
 
 
 @pytest.mark.parametrize(
@@ -184,6 +164,11 @@ def test_new_policy_is_one_class():
         ("look_m", dict(merge="median"), ValueError, "merge must be one of"),
         ("h2o", dict(n_sink=4), ValueError, "no sinks"),
         ("snapkv", dict(kernel=4), ValueError, "odd"),
+        ("inf_mllm", dict(bias=float("inf")), ValueError, "finite"),
+        ("inf_mllm", dict(bias_mode="linear"), ValueError, "bias_mode must be one of"),
+        ("inf_mllm", dict(h_life=-1), ValueError, "h_life must be in"),
+        ("inf_mllm", dict(h_life=float("nan")), ValueError, "h_life must be a finite number"),
+        ("inf_mllm", dict(pool=4), ValueError, "pool must be odd"),
     ],
 )
 def test_bad_arguments(name, kw, exc, msg):
@@ -191,44 +176,65 @@ def test_bad_arguments(name, kw, exc, msg):
         make_policy(name, **kw)
 
 
-def test_defaults_match_spec():
+def test_defaults():
     p = make_policy("inf_mllm")
-    assert (p.budget, p.n_recent, p.window, p.bias, p.n_sink) == (2048, 256, 32, 1e-3, 4)
+    assert (p.budget, p.n_recent, p.window, p.n_sink) == (2048, 256, 32, 4)
     assert p.capacity == 2048 + max(32, p.chunk)
     assert make_policy("h2o", budget=100).n_recent == 50
     assert make_policy("streaming_llm", budget=100, n_sink=4).n_recent == 96
 
 
-def test_inf_mllm_scores_one_period():
-    # scores at an eviction come from the last scoring period only (a prefill chunk or `window`
-    # decode steps), not from everything since the last eviction
-    pol = make_policy("inf_mllm", budget=16, n_sink=2, n_recent=4, window=4, chunk=8)
-    lay = FakeLayer(B=1, lengths=(10,), C=24)
-    lay.scores.fill_(7.0)  # left over from an earlier period
-    pol.before_attention(lay, 8, "prefill", lay.rows)
-    assert float(lay.scores.abs().sum()) == 0.0
-    lay.scores.fill_(3.0)
-    pol.before_attention(lay, 2, "prefill", lay.rows)  # chunk shorter than the window: keeps adding
-    assert float(lay.scores.min()) == 3.0
-    pol.before_attention(lay, 1, "decode", lay.rows)  # first decode step starts a period
-    assert float(lay.scores.abs().sum()) == 0.0
-    for _ in range(4):
-        lay.scores += 1.0
-        pol.after_attention(lay, 1, "decode", lay.rows)  # under budget: no eviction
-        pol.before_attention(lay, 1, "decode", lay.rows)
-    assert float(lay.scores.abs().sum()) == 0.0  # a new period began after `window` steps
+def test_inf_mllm_first_version_scores_one_period():
+    # h_life=0: scores at an eviction come from the last scoring period only (a prefill chunk or
+    # `window` decode steps), not from everything since the last eviction
+    pol = make_policy("inf_mllm", budget=16, n_sink=2, n_recent=4, window=4, chunk=8, h_life=0)
+    lay = filled_buffers(B=1, lengths=(10,), C=24, policy=pol)
+    assert pol.scoring(lay, 8, "prefill", [0]).restart == (0,)
+    assert pol.scoring(lay, 2, "prefill", [0]).restart == ()  # chunk shorter than the window: keeps adding
+    assert pol.scoring(lay, 1, "decode", [0]).restart == (0,)  # first decode step starts a period
+    for _ in range(3):
+        assert pol.due(lay, 1, "decode", [0]) == []  # under budget: no eviction
+        assert pol.scoring(lay, 1, "decode", [0]).restart == ()
+    pol.due(lay, 1, "decode", [0])
+    assert pol.scoring(lay, 1, "decode", [0]).restart == (0,)  # a new period began after `window` steps
+
+
+def test_inf_mllm_persistent_scores_decay_and_move():
+    pol = make_policy("inf_mllm", budget=16, n_sink=2, n_recent=4, window=4, chunk=8, h_life=64,
+                      bias_mode="relative")
+    lay = filled_buffers(B=1, H=1, lengths=(24,), C=24, policy=pol)
+    sc = pol.scoring(lay, 16, "prefill", [0])
+    assert sc.restart == () and sc.bias_mode == "relative" and sc.decay == pytest.approx(2 ** (-16 / 64))
+    lay.scores.zero_()
+    lay.scores[0, 0, [5, 9]] = torch.tensor([3.0, 2.0])
+    after_call(pol, lay, 8, "prefill")
+    assert lay.lengths == [16]
+    kept = lay.position[0, 0, :16].tolist()
+    assert 5 in kept and 9 in kept
+    assert lay.scores[0, 0, kept.index(5)] == 3.0 and lay.scores[0, 0, kept.index(9)] == 2.0  # moved, not reset
+    assert float(lay.scores[0, 0, 16:].abs().sum()) == 0.0
+
+
+def test_inf_mllm_pooling_keeps_neighbours():
+    pol = make_policy("inf_mllm", budget=8, n_sink=1, n_recent=2, window=4, chunk=8, h_life=64, pool=3)
+    lay = filled_buffers(B=1, H=1, lengths=(24,), C=24, policy=pol)
+    lay.scores.zero_()
+    lay.scores[0, 0, 10] = 1.0
+    lay.scores[0, 0, 17] = 0.9
+    pol.evict(lay, [0])
+    assert lay.position[0, 0, :8].tolist() == [0, 9, 10, 11, 16, 17, 22, 23]
 
 
 def test_compress_once_early_not_twice():
     pol = make_policy("snapkv", budget=10, window=4, chunk=8)
-    lay = FakeLayer(B=1, H=1, lengths=(18,), C=18)
-    pol.before_attention(lay, 8, "prefill", lay.rows)
+    lay = filled_buffers(B=1, H=1, lengths=(18,), C=18, policy=pol)
+    pol.before(lay, 8, "prefill", rows(lay))
     calls = []
     orig = pol.compress
-    pol.compress = lambda layer, rows: (calls.append(list(rows)), orig(layer, rows))
-    pol.make_room(lay, 8, lay.rows)  # prompt longer than the buffer: compressed early
-    lay.len_host = [16]
-    pol.before_attention(lay, 1, "decode", lay.rows)
+    pol.compress = lambda buf, rows_: (calls.append(list(rows_)), orig(buf, rows_))
+    pol.make_room(lay, 8, rows(lay))  # prompt longer than the buffer: compressed early
+    lay.append(torch.randn(1, 1, 6, 4), torch.randn(1, 1, 6, 4), TEXT)
+    pol.before(lay, 1, "decode", rows(lay))
     assert calls == [[0]]
 
 

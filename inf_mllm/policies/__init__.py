@@ -1,12 +1,13 @@
-"""Eviction policies (SPEC §5): one module each, registered by name."""
+"""Eviction policies (SPEC §5): one module each, registered by name and found automatically."""
 from .base import (  # noqa: F401
+    DEFAULT_CHUNK,
     ORIGINAL,
     ROLLING,
     Policy,
+    Scoring,
     available_policies,
     get_policy_class,
     make_policy,
     register_policy,
     select_keep,
 )
-from . import full, h2o, inf_mllm, look_m, snapkv, streaming_llm, window  # noqa: F401,E402

@@ -12,43 +12,48 @@ As published they compress the prompt once, at the end of prefill. Here:
 """
 from __future__ import annotations
 
-from .base import ORIGINAL, Policy
+from .base import ORIGINAL, Policy, Scoring
 
 
 class CompressOncePolicy(Policy):
     positions = ORIGINAL
+    keep_scores = True
 
-    def prefill_score_window(self, layer, n: int) -> int:
+    def new_state(self, batch):
+        return [False] * batch  # per row: a prompt was fed and is not compressed yet
+
+    def prefill_scoring(self, buf, n, rows) -> Scoring:
         raise NotImplementedError
 
-    def compress(self, layer, rows) -> None:
+    def compress(self, buf, rows) -> None:
         raise NotImplementedError
 
-    def score_window(self, layer, n, phase):
-        if phase == "prefill":
-            return self.prefill_score_window(layer, n)
-        return n
+    def scoring(self, buf, n, phase, rows):
+        return self.prefill_scoring(buf, n, rows) if phase == "prefill" else Scoring(window=n)
 
-    def before_attention(self, layer, n, phase, rows):
-        pending = layer.state.setdefault("pending", set())
+    def before(self, buf, n, phase, rows):
+        pending = buf.state
         if phase == "prefill":
-            pending.update(rows)
+            for b in rows:
+                pending[b] = True
             return
-        todo = [b for b in rows if b in pending]
-        pending.difference_update(todo)
-        todo = self.over_budget(layer, todo)
+        todo = [b for b in rows if pending[b]]
+        for b in todo:
+            pending[b] = False
+        todo = self.over_budget(buf, todo)
         if todo:
-            self.compress(layer, todo)
+            self.compress(buf, todo)
 
-    def make_room(self, layer, n, rows):
-        pending = layer.state.setdefault("pending", set())
-        early = [b for b in rows if b in pending]
+    def due(self, buf, n, phase, rows):
+        return []  # compressed once before decoding, and when the buffer is full
+
+    def make_room(self, buf, n, rows):
+        pending = buf.state
+        early = [b for b in rows if pending[b]]
+        for b in early:
+            pending[b] = False  # compressed now: not again at the first decode step
         if early:
-            pending.difference_update(early)  # compressed now: not again at the first decode step
-            self.compress(layer, early)  # prompt longer than the buffer: compress now with what we have
-        rest = [b for b in rows if b not in pending]
+            self.compress(buf, early)  # prompt longer than the buffer: compress now with what we have
+        rest = [b for b in rows if b not in early]
         if rest:
-            self.evict(layer, rest)
-
-    def evict(self, layer, rows):
-        layer.compact(self.budget, 0, self.n_recent, reset_scores=False, rows=rows)
+            self.evict(buf, rest)

@@ -1,24 +1,43 @@
-"""Policy interface (SPEC §5) and registry.
+"""Policy contract (SPEC §5) and registry.
 
-A policy decides the position mode, how the attention operator scores (``window``, ``bias``),
-when to evict and how (``compact_`` plus any extra step). It owns no buffers: the cache layer
-(:class:`inf_mllm.cache.StreamingLayer`) holds ``k, v, scores, length`` and the per-slot
-metadata, and offers :meth:`~inf_mllm.cache.StreamingLayer.compact` to call ``compact_``.
+A policy says three things, each a small method:
 
-Per-layer policy state (counters, flags) lives in ``layer.state`` (a dict), so one policy
-object serves every layer.
+* **how it scores** — :meth:`Policy.scoring` returns a :class:`Scoring` for a call of the fused
+  operator (how many trailing queries add their attention, the bias, the decay of earlier
+  scores), or ``None`` for no scoring;
+* **when it evicts** — :meth:`Policy.due` returns the rows to evict right after a call
+  (default: every row over budget); :meth:`Policy.make_room` handles a full buffer;
+* **what it keeps** — sinks and recent tokens by ``n_sink``/``n_recent``; the rest by
+  :meth:`Policy.rank` (default: the scores as they are), with :meth:`Policy.protect` (slots that
+  must stay) and :meth:`Policy.merge` (fold evicted tokens into kept ones, LOOK-M).
+
+One shared step, :meth:`Policy.evict`, turns that into the compaction (``ops.compact_`` through
+:meth:`inf_mllm.buffers.KVBuffers.compact`); no policy writes into ``scores`` to steer it.
+
+Policies see a layer's :class:`~inf_mllm.buffers.KVBuffers` (``buf``): the buffers, the host
+copy of the lengths (``buf.lengths``) and ``buf.state``, the policy's own per-layer state made
+by :meth:`Policy.new_state`. ``rows`` are the batch rows concerned; decisions are per row so
+that each row of a padded batch behaves as the row alone. ``phase`` is ``"prefill"`` (a call of
+several tokens) or ``"decode"`` (one token).
 
 Adding a policy: one module in this package with a subclass decorated by
-:func:`register_policy`; nothing else changes.
+:func:`register_policy`, and its test. The CLI, the evaluations and the tests find it (and its
+parameters, ``defaults``) through :func:`available_policies` / :func:`get_policy_class`.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Type
+import math
+import pkgutil
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type
 
 import torch
 
 ROLLING = "rolling"
 ORIGINAL = "original"
+
+#: prefill chunk (tokens per forward of ``inf_mllm.stream``) when the caller gives none
+DEFAULT_CHUNK = 256
 
 _REGISTRY: Dict[str, Type["Policy"]] = {}
 
@@ -30,11 +49,24 @@ def register_policy(cls):
     return cls
 
 
-def available_policies():
-    return sorted(_REGISTRY)
+def _load_all() -> None:
+    """Import every policy module of this package (each registers itself)."""
+    import importlib
+
+    from .. import policies as pkg
+
+    for mod in pkgutil.iter_modules(pkg.__path__):
+        if not mod.name.startswith("_") and mod.name != "base":
+            importlib.import_module(f"{pkg.__name__}.{mod.name}")
+
+
+def available_policies() -> List[str]:
+    _load_all()
+    return sorted(n for n in _REGISTRY if not n.startswith("_"))
 
 
 def get_policy_class(name: str) -> Type["Policy"]:
+    _load_all()
     if not isinstance(name, str) or name not in _REGISTRY:
         raise ValueError(f"inf_mllm: unknown policy {name!r}; available: {', '.join(available_policies())}")
     return _REGISTRY[name]
@@ -44,30 +76,58 @@ def make_policy(name: str, **kwargs) -> "Policy":
     return get_policy_class(name)(**kwargs)
 
 
-def _check_int(name, val, lo):
+def check_int(name, val, lo):
     if not isinstance(val, int) or isinstance(val, bool):
         raise TypeError(f"inf_mllm: {name} must be an int, got {val!r}")
     if val < lo:
         raise ValueError(f"inf_mllm: {name} must be >= {lo}, got {val}")
 
 
+def check_number(name, val, lo=0.0, hi=math.inf):
+    if not isinstance(val, (int, float)) or isinstance(val, bool) or not math.isfinite(val):
+        raise (TypeError if not isinstance(val, (int, float)) or isinstance(val, bool) else ValueError)(
+            f"inf_mllm: {name} must be a finite number, got {val!r}")
+    if not lo <= val <= hi:
+        raise ValueError(f"inf_mllm: {name} must be in [{lo}, {hi}], got {val}")
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """How one call of ``attention_with_scores`` updates ``scores`` (SPEC §4.1).
+
+    ``window``: trailing queries of the call that add their attention (``min(window, n)``);
+    ``bias``/``bias_mode``: the attention bias (``"absolute"``: ``bias * slot``; ``"relative"``:
+    ``bias * (slot + 1) / (t + 1)**2``); ``decay`` in ``(0, 1]``: earlier scores are multiplied
+    by it first (1: accumulate); ``restart``: rows whose scores start from zero in this call.
+    """
+
+    window: int
+    bias: float = 0.0
+    bias_mode: str = "absolute"
+    decay: float = 1.0
+    restart: Tuple[int, ...] = ()
+
+
 class Policy:
-    """Base class. Subclasses set class attributes and override the hooks they need.
+    """Base class. Subclasses set the class attributes and override the methods they need.
 
     Class attributes:
         name: registry key.
         positions: ``ROLLING`` (keys stored un-rotated, RoPE by slot) or ``ORIGINAL``.
-        defaults: default values of the parameters (``budget, n_sink, n_recent, window, bias``
-            and policy-specific ones), overridden by the constructor's keyword arguments.
+        defaults: the parameters and their defaults (``budget, n_sink, n_recent, window, bias``
+            and the policy's own), overridden by the constructor's keyword arguments. A
+            default of ``None`` for ``n_recent`` means :meth:`default_n_recent`.
         grows: the buffers grow instead of evicting (``full`` only).
+        keep_scores: scores move with their tokens at eviction (else they are zeroed).
     """
 
     name: str = ""
     positions: str = ROLLING
     grows: bool = False
+    keep_scores: bool = False
     defaults: dict = dict(budget=2048, n_sink=4, n_recent=256, window=32, bias=0.0)
 
-    def __init__(self, chunk: int = 512, **kwargs):
+    def __init__(self, chunk: int = DEFAULT_CHUNK, **kwargs):
         params = dict(self.defaults)
         unknown = sorted(set(kwargs) - set(params))
         if unknown:
@@ -84,13 +144,15 @@ class Policy:
         self.window = params["window"]
         self.bias = params["bias"]
         self.chunk = chunk
-        _check_int("budget", self.budget, 1)
-        _check_int("n_sink", self.n_sink, 0)
-        _check_int("n_recent", self.n_recent, 0)
-        _check_int("window", self.window, 0)
-        _check_int("chunk", self.chunk, 1)
-        if not isinstance(self.bias, (int, float)) or isinstance(self.bias, bool) or self.bias != self.bias:
+        check_int("budget", self.budget, 1)
+        check_int("n_sink", self.n_sink, 0)
+        check_int("n_recent", self.n_recent, 0)
+        check_int("window", self.window, 0)
+        check_int("chunk", self.chunk, 1)
+        if not isinstance(self.bias, (int, float)) or isinstance(self.bias, bool):
             raise TypeError(f"inf_mllm: bias must be a number, got {self.bias!r}")
+        if not math.isfinite(self.bias):
+            raise ValueError(f"inf_mllm: bias must be a finite number, got {self.bias!r}")
         if self.bias < 0:
             raise ValueError(f"inf_mllm: bias must be >= 0, got {self.bias}")
         self.bias = float(self.bias)
@@ -124,32 +186,69 @@ class Policy:
     def rolling(self) -> bool:
         return self.positions == ROLLING
 
-    def score_window(self, layer, n: int, phase: str) -> int:
-        """How many of the ``n`` queries of this call add to ``scores`` (0: no scoring)."""
-        return 0
+    def new_state(self, batch: int) -> Any:
+        """The policy's per-layer state (stored as ``buf.state``); ``None`` when it needs none."""
+        return None
 
-    def score_bias(self, layer, phase: str) -> float:
-        return 0.0
+    # -- how it scores ------------------------------------------------------------------
+    def scoring(self, buf, n: int, phase: str, rows: Sequence[int]) -> Optional[Scoring]:
+        """How the coming call of ``n`` new tokens scores (``None``: no scoring)."""
+        return None
 
-    # -- hooks --------------------------------------------------------------------------
-    # ``rows``: the batch rows concerned (those that received tokens / need room). Decisions are
-    # per row so that each row of a padded batch behaves exactly as the row alone.
-    def before_attention(self, layer, n: int, phase: str, rows) -> None:
-        """Called before ``n`` new tokens are written (``phase`` is "prefill" or "decode")."""
+    # -- when it evicts -----------------------------------------------------------------
+    def before(self, buf, n: int, phase: str, rows: Sequence[int]) -> None:
+        """Called once per forward, before its tokens are written (compress-once policies)."""
 
-    def after_attention(self, layer, n: int, phase: str, rows) -> None:
-        """Called right after this layer's attention over ``n`` new tokens: evict here."""
+    def due(self, buf, n: int, phase: str, rows: Sequence[int]) -> List[int]:
+        """Rows to evict right after a call of ``n`` tokens. Default: every row over budget."""
+        return self.over_budget(buf, rows)
 
-    def make_room(self, layer, n: int, rows) -> None:
-        """``rows`` cannot take the next tokens: evict (never exceed C). Default: evict to budget."""
-        self.evict(layer, rows)
+    def make_room(self, buf, n: int, rows: Sequence[int]) -> None:
+        """``rows`` are full (``length == C``) and ``n`` tokens still come: evict them to budget."""
+        self.evict(buf, rows)
 
-    def evict(self, layer, rows) -> None:
-        """Compact ``rows`` that are over budget down to ``budget`` slots."""
-        layer.compact(self.budget, self.n_sink, self.n_recent, reset_scores=True, rows=rows)
+    # -- what it keeps ------------------------------------------------------------------
+    def rank(self, buf, rows: Sequence[int]) -> Optional[torch.Tensor]:
+        """Ranking of the slots ``[B, Hkv, C]`` float32 (only ``rows`` are read); ``None``: the
+        scores as they are."""
+        return None
 
-    def over_budget(self, layer, rows):
-        return [b for b in rows if layer.len_host[b] > self.budget]
+    def protect(self, buf, rows: Sequence[int]) -> Optional[torch.Tensor]:
+        """Slots that must be kept, ``[B, Hkv, C]`` bool (only ``rows`` are read), or ``None``.
+        At most ``budget - n_sink - n_recent`` protected slots per head between sinks and recent."""
+        return None
+
+    def evicted(self, buf, rows: Sequence[int]) -> None:
+        """Called after ``rows`` were evicted (reset per-row counters)."""
+
+    # -- the shared selection step --------------------------------------------------------
+    def evict(self, buf, rows: Sequence[int], *, rank: Optional[torch.Tensor] = None,
+              keep_scores: Optional[bool] = None, merge: Optional[Callable] = None) -> None:
+        """Evict ``rows`` over budget down to ``budget``: sinks + recent + the best by rank, with
+        the protected slots kept. ``rank``/``keep_scores`` override the policy's for this call;
+        ``merge(buf, b, keep)`` (``keep``: ``[Hkv, length]`` bool) runs before the move, per row."""
+        rows = self.over_budget(buf, rows)
+        if not rows:
+            return
+        if rank is None:
+            rank = self.rank(buf, rows)
+        prot = self.protect(buf, rows)
+        if prot is not None:
+            rank = (buf.scores if rank is None else rank).masked_fill(prot, math.inf)
+        if merge is not None:
+            by = buf.scores if rank is None else rank
+            for b in rows:
+                merge(buf, b, select_keep(by[b], buf.lengths[b], self.budget, self.n_sink, self.n_recent))
+        buf.compact(rows, self.budget, self.n_sink, self.n_recent, rank=rank,
+                    keep_scores=self.keep_scores if keep_scores is None else keep_scores)
+        self.evicted(buf, rows)
+
+    @staticmethod
+    def over_budget_rows(buf, rows, budget) -> List[int]:
+        return [b for b in rows if buf.lengths[b] > budget]
+
+    def over_budget(self, buf, rows) -> List[int]:
+        return self.over_budget_rows(buf, rows, self.budget)
 
     def __repr__(self):
         args = ", ".join(f"{k}={v!r}" for k, v in sorted(self.params.items()))

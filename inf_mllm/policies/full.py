@@ -9,8 +9,8 @@ class FullPolicy(Policy):
     grows = True
     defaults = dict(budget=2048, n_sink=0, n_recent=0, window=0, bias=0.0)
 
-    def make_room(self, layer, n, rows):
-        layer.grow(layer.max_length() + n)
+    def due(self, buf, n, phase, rows):
+        return []
 
-    def evict(self, layer, rows):  # never
-        pass
+    def make_room(self, buf, n, rows):
+        buf.grow(buf.max_length() + n)

@@ -1,13 +1,14 @@
 """``h2o`` (Zhang et al. 2023): heavy hitters by attention accumulated over **all** queries
 (never reset, no sinks) + the last ``n_recent`` tokens; evicts after every forward that leaves
 a row over budget; original positions."""
-from .base import ORIGINAL, Policy, register_policy
+from .base import ORIGINAL, Policy, Scoring, register_policy
 
 
 @register_policy
 class H2OPolicy(Policy):
     name = "h2o"
     positions = ORIGINAL
+    keep_scores = True
     defaults = dict(budget=2048, n_sink=0, n_recent=None, window=0, bias=0.0)
 
     @staticmethod
@@ -20,11 +21,5 @@ class H2OPolicy(Policy):
         if self.n_sink:
             raise ValueError("inf_mllm: policy 'h2o' keeps no sinks (n_sink must be 0)")
 
-    def score_window(self, layer, n, phase):
-        return n  # every query of every call
-
-    def evict(self, layer, rows):
-        layer.compact(self.budget, 0, self.n_recent, reset_scores=False, rows=rows)
-
-    def after_attention(self, layer, n, phase, rows):
-        self.evict(layer, self.over_budget(layer, rows))
+    def scoring(self, buf, n, phase, rows):
+        return Scoring(window=n)  # every query of every call, accumulated

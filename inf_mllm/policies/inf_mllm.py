@@ -1,91 +1,114 @@
 """``inf_mllm`` (Ning et al. 2024): ``n_sink`` sinks + top relevant tokens + ``n_recent`` recent.
 
-Relevance: local sum of the attention of the last ``window`` queries (one scoring period: a
-prefill chunk, or ``window`` decode steps; scores start from zero at each period), plus
-``bias * slot`` per scoring query (favours newer tokens). Evicts after every prefill chunk that
-leaves a row over budget, and every ``window`` decode steps once over budget. Rolling positions.
+How it scores (SPEC §5): each call adds the attention of its last ``window`` queries (mean over
+the GQA group) plus the attention bias to ``scores``. With ``h_life > 0`` the scores persist:
+before a call of ``n`` tokens they decay by ``2 ** (-n / h_life)`` (a half-life in tokens,
+whatever the chunk size) and at eviction they move with their tokens. ``h_life=0`` is the first
+version: scores restart at every scoring period (a prefill chunk of at least ``window`` tokens,
+or ``window`` decode steps) and are dropped at eviction. ``bias_mode`` is ``"relative"``
+(``bias * (slot + 1) / (t + 1)**2``: ``bias`` times the query's uniform share at the newest
+slot, falling to 0 at the oldest; the same ``bias`` means the same at any budget) or
+``"absolute"`` (``bias * slot``, the first version).
 
+When it evicts: after every prefill chunk that leaves a row over budget, and every ``window``
+decode steps once over budget. Rolling positions.
+
+What it keeps: sinks, the last ``n_recent`` tokens, and the best by score — max-pooled over
+``pool`` neighbouring slots when ``pool > 1``, so a phrase is kept or evicted together.
 ``min_text_slots=N`` (multimodal quota, ours): after an eviction each KV head keeps at least
-``min(N, text tokens held before it)`` text slots (sinks and recent count), so a stream of video
-frames cannot push out the text (question, instructions). Done by boosting the best-scored text
-slots of the middle above every other candidate just before ``compact_`` (scores are reset after).
+``min(N, text tokens held before it)`` text slots (sinks and recent count), so a stream of
+video frames cannot push out the text (question, instructions).
 """
 import torch
 
 from ..modality import TEXT
-from .base import ROLLING, Policy, _check_int, register_policy
+from .base import ROLLING, Policy, Scoring, check_int, check_number, register_policy
+from .snapkv import max_pool_slots
+
+BIAS_MODES = ("relative", "absolute")
 
 
 @register_policy
 class InfMLLMPolicy(Policy):
     name = "inf_mllm"
     positions = ROLLING
-    defaults = dict(budget=2048, n_sink=4, n_recent=256, window=32, bias=1e-3, min_text_slots=0)
+    defaults = dict(budget=2048, n_sink=4, n_recent=256, window=32, bias=1e-3, bias_mode="absolute", h_life=0,
+                    pool=1, min_text_slots=0)
 
     def validate(self):
+        p = self.params
         if self.window < 1:
             raise ValueError(f"inf_mllm: policy 'inf_mllm' needs window >= 1, got {self.window}")
-        _check_int("min_text_slots", self.params["min_text_slots"], 0)
-        if self.params["min_text_slots"] > self.budget:
-            raise ValueError(f"inf_mllm: min_text_slots={self.params['min_text_slots']} exceeds budget={self.budget}")
+        if p["bias_mode"] not in BIAS_MODES:
+            raise ValueError(f"inf_mllm: bias_mode must be one of {BIAS_MODES}, got {p['bias_mode']!r}")
+        check_number("h_life", p["h_life"], 0.0)
+        check_int("pool", p["pool"], 1)
+        if p["pool"] % 2 == 0:
+            raise ValueError(f"inf_mllm: pool must be odd, got {p['pool']}")
+        check_int("min_text_slots", p["min_text_slots"], 0)
+        if p["min_text_slots"] > self.budget:
+            raise ValueError(f"inf_mllm: min_text_slots={p['min_text_slots']} exceeds budget={self.budget}")
+        self.keep_scores = p["h_life"] > 0
 
-    def _text_quota(self, layer, rows):
-        N = self.params["min_text_slots"]
-        for b in rows:
-            T = layer.len_host[b]
-            if not N or T <= self.budget:
-                continue
-            text = layer.modality[b, :, :T] == TEXT  # [H, T]
-            mid = torch.zeros_like(text)
-            mid[:, self.n_sink : T - self.n_recent] = True
-            protected = (text & ~mid).sum(-1)
-            n_mid = self.budget - self.n_sink - self.n_recent
-            need = (text.sum(-1).clamp(max=N) - protected).clamp(0, n_mid)  # [H]
-            if not bool(need.any()):
-                continue
-            s = layer.scores[b, :, :T]
-            cand = torch.where(text & mid, s.double(), torch.tensor(float("-inf"), dtype=torch.float64, device=s.device))
-            rank = torch.empty_like(cand, dtype=torch.long)
-            order = torch.sort(cand, dim=-1, descending=True, stable=True).indices
-            rank.scatter_(1, order, torch.arange(T, device=s.device).expand_as(order).contiguous())
-            boost = (rank < need[:, None]) & text & mid
-            s.add_(boost.float() * (float(s.abs().max()) * 2 + 1e6))
+    def new_state(self, batch):
+        return [0] * batch  # per row: decode steps since the scoring period began
 
-    def score_window(self, layer, n, phase):
-        return self.window
-
-    def before_attention(self, layer, n, phase, rows):
-        # A scoring period is one prefill chunk or `window` decode steps: scores start from zero
-        # at its beginning, so an eviction ranks by the last `window` queries only (not by
-        # everything since the last eviction while a row stayed under budget). A prefill chunk
-        # shorter than the window adds to what came before, keeping >= window queries.
-        steps = layer.state.setdefault("decode_steps", {})
-        for b in rows:
-            if (phase == "prefill" and n >= self.window) or (phase == "decode" and steps.get(b, 0) == 0):
-                layer.scores[b].zero_()
-            if phase == "prefill":
-                steps[b] = 0
-
-    def score_bias(self, layer, phase):
-        return self.bias
-
-    def evict(self, layer, rows):
-        self._text_quota(layer, rows)
-        layer.compact(self.budget, self.n_sink, self.n_recent, reset_scores=True, rows=rows)
-        steps = layer.state.setdefault("decode_steps", {})
-        for b in rows:
-            steps[b] = 0
-
-    def after_attention(self, layer, n, phase, rows):
+    # -- how it scores --------------------------------------------------------------------
+    def scoring(self, buf, n, phase, rows):
+        steps = buf.state
+        h = self.params["h_life"]
+        if h > 0:
+            restart, decay = (), 2.0 ** (-n / h)
+        else:  # first version: a period is one prefill chunk (>= window tokens) or `window` decode steps
+            restart = tuple(b for b in rows if (n >= self.window if phase == "prefill" else steps[b] == 0))
+            decay = 1.0
         if phase == "prefill":
-            self.evict(layer, self.over_budget(layer, rows))
-            return
-        steps = layer.state.setdefault("decode_steps", {})
+            for b in rows:
+                steps[b] = 0
+        return Scoring(window=self.window, bias=self.bias, bias_mode=self.params["bias_mode"], decay=decay,
+                       restart=restart)
+
+    # -- when it evicts -------------------------------------------------------------------
+    def due(self, buf, n, phase, rows):
+        if phase == "prefill":
+            return self.over_budget(buf, rows)
+        steps = buf.state
         done = []
         for b in rows:
-            steps[b] = steps.get(b, 0) + 1
+            steps[b] += 1
             if steps[b] >= self.window:
                 done.append(b)
-        self.evict(layer, self.over_budget(layer, done))
-        for b in done:
-            steps[b] = 0  # the next decode step starts a new scoring period
+                steps[b] = 0  # the next decode step starts a new period
+        return self.over_budget(buf, done)
+
+    def evicted(self, buf, rows):
+        for b in rows:
+            buf.state[b] = 0
+
+    # -- what it keeps --------------------------------------------------------------------
+    def rank(self, buf, rows):
+        k = self.params["pool"]
+        return max_pool_slots(buf.scores, k) if k > 1 else None
+
+    def protect(self, buf, rows):
+        """The best-ranked text slots of the middle, so that >= min_text_slots text slots stay."""
+        N = self.params["min_text_slots"]
+        if not N:
+            return None
+        rank = self.rank(buf, rows)
+        rank = buf.scores if rank is None else rank
+        prot = torch.zeros_like(buf.scores, dtype=torch.bool)
+        n_mid = self.budget - self.n_sink - self.n_recent
+        for b in rows:
+            T = buf.lengths[b]
+            text = buf.modality[b, :, :T] == TEXT  # [H, T]
+            mid = torch.zeros_like(text)
+            mid[:, self.n_sink : T - self.n_recent] = True
+            need = (text.sum(-1).clamp(max=N) - (text & ~mid).sum(-1)).clamp(0, n_mid)  # [H]
+            if not bool(need.any()):
+                continue
+            cand = torch.where(text & mid, rank[b, :, :T].double(), float("-inf"))
+            order = torch.sort(cand, dim=-1, descending=True, stable=True).indices
+            pick = torch.arange(T, device=cand.device)[None, :] < need[:, None]
+            prot[b, :, :T].scatter_(1, order, pick.expand_as(text).contiguous())
+        return prot

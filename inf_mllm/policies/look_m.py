@@ -11,16 +11,14 @@ token whose key is most similar (cosine of keys, per KV head):
 * ``weighted``: ``kept = (kept + sum(sim_i * evicted_i)) / (1 + sum(sim_i))`` with the cosine
   similarities clamped at 0.
 
-Keys and values are merged with the same assignment and weights. The keep set is computed with
-the same rule as ``compact_`` (``select_keep``); merging writes the kept slots in place; then
-``compact_`` moves the same set (scores are set to 1 on the keep set so the selection is
-unambiguous). Original positions. Decode-phase overflow: see :mod:`inf_mllm.policies._once`.
+Keys and values are merged with the same assignment and weights; scores restart after the
+compression. Original positions. Decode-phase overflow: see :mod:`inf_mllm.policies._once`.
 """
 import torch
 
 from ..modality import TEXT
 from ._once import CompressOncePolicy
-from .base import register_policy, select_keep
+from .base import Scoring, register_policy, select_keep
 
 MERGES = ("pivotal", "average", "weighted")
 
@@ -34,23 +32,20 @@ class LookMPolicy(CompressOncePolicy):
         if self.params["merge"] not in MERGES:
             raise ValueError(f"inf_mllm: look_m merge must be one of {MERGES}, got {self.params['merge']!r}")
 
-    def prefill_score_window(self, layer, n):
-        return n  # cumulative over all prompt queries
+    def prefill_scoring(self, buf, n, rows):
+        return Scoring(window=n)  # cumulative over all prompt queries
 
-    def compress(self, layer, rows):
-        L = self.budget
+    def compress(self, buf, rows):
+        # the keep set by (text first, then score), decided in float64 so that close scores stay apart
+        rank = torch.zeros_like(buf.scores)
         for b in rows:
-            length = layer.len_host[b]
-            if length <= L:
-                continue
-            s = layer.scores[b, :, :length].double()
-            text = layer.modality[b, :, :length] == TEXT
-            prior = s + text.double() * (s.abs().max() + 1.0)  # all text above all non-text
-            keep = select_keep(prior, length, L, self.n_sink, self.n_recent)
-            merge_row_(layer.k[b], layer.v[b], keep, self.params["merge"])
-            layer.scores[b].zero_()
-            layer.scores[b, :, :length] = keep.float()
-        layer.compact(L, self.n_sink, self.n_recent, reset_scores=True, rows=rows)
+            T = buf.lengths[b]
+            s = buf.scores[b, :, :T].double()
+            prior = s + (buf.modality[b, :, :T] == TEXT).double() * (s.abs().max() + 1.0)
+            rank[b, :, :T] = select_keep(prior, T, self.budget, self.n_sink, self.n_recent).float()
+        mode = self.params["merge"]
+        self.evict(buf, rows, rank=rank, keep_scores=False,
+                   merge=lambda buf_, b, keep: merge_row_(buf_.k[b], buf_.v[b], keep, mode))
 
 
 def merge_row_(k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, mode: str) -> None:

@@ -6,7 +6,16 @@ Decode-phase overflow: see :mod:`inf_mllm.policies._once`.
 import torch.nn.functional as F
 
 from ._once import CompressOncePolicy
-from .base import register_policy
+from .base import Scoring, register_policy
+
+
+def max_pool_slots(scores, k: int):
+    """Max over ``k`` neighbouring slots (odd ``k``, same length) of ``[..., C]`` scores."""
+    if k == 1:
+        return scores
+    shape = scores.shape
+    flat = scores.reshape(-1, 1, shape[-1])
+    return F.max_pool1d(flat, kernel_size=k, stride=1, padding=k // 2).view(shape)
 
 
 @register_policy
@@ -27,21 +36,10 @@ class SnapKVPolicy(CompressOncePolicy):
         if self.window < 1:
             raise ValueError(f"inf_mllm: policy 'snapkv' needs window >= 1, got {self.window}")
 
-    def before_attention(self, layer, n, phase, rows):
-        if phase == "prefill" and n >= self.window:
-            for b in rows:
-                # only the last prompt chunk's window queries count (a chunk shorter than the
-                # window adds to the previous one's, so the observation window stays >= w)
-                layer.scores[b].zero_()
-        super().before_attention(layer, n, phase, rows)
+    def prefill_scoring(self, buf, n, rows):
+        # only the last prompt chunk's window queries count (a chunk shorter than the window adds
+        # to the previous one's, so the observation window stays >= w)
+        return Scoring(window=self.window, restart=tuple(rows) if n >= self.window else ())
 
-    def prefill_score_window(self, layer, n):
-        return self.window
-
-    def compress(self, layer, rows):
-        k = self.params["kernel"]
-        for b in rows:
-            s = layer.scores[b, :, : layer.len_host[b]]
-            H, T = s.shape
-            s.copy_(F.max_pool1d(s.reshape(H, 1, T), kernel_size=k, stride=1, padding=k // 2).view(H, T))
-        layer.compact(self.budget, 0, self.n_recent, reset_scores=False, rows=rows)
+    def compress(self, buf, rows):
+        self.evict(buf, rows, rank=max_pool_slots(buf.scores, self.params["kernel"]))

@@ -12,11 +12,5 @@ class StreamingLLMPolicy(Policy):
     def validate(self):
         if self.n_recent != self.budget - self.n_sink:
             raise ValueError(
-                f"inf_mllm: policy 'streaming_llm' keeps n_sink + the last budget - n_sink tokens; n_recent does not apply"
+                "inf_mllm: policy 'streaming_llm' keeps n_sink + the last budget - n_sink tokens; n_recent does not apply"
             )
-
-    def evict(self, layer, rows):
-        layer.compact(self.budget, self.n_sink, self.budget - self.n_sink, reset_scores=True, rows=rows)
-
-    def after_attention(self, layer, n, phase, rows):
-        self.evict(layer, self.over_budget(layer, rows))

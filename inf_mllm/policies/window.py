@@ -13,9 +13,3 @@ class WindowPolicy(Policy):
             raise ValueError("inf_mllm: policy 'window' keeps no sinks (n_sink must be 0); use 'streaming_llm'")
         if self.n_recent != self.budget:
             raise ValueError(f"inf_mllm: policy 'window' keeps the last budget={self.budget} tokens; n_recent does not apply")
-
-    def evict(self, layer, rows):
-        layer.compact(self.budget, 0, self.budget, reset_scores=True, rows=rows)
-
-    def after_attention(self, layer, n, phase, rows):
-        self.evict(layer, self.over_budget(layer, rows))

@@ -1,0 +1,146 @@
+"""``KVBuffers``: the fixed-size per-layer buffers of SPEC §2 — the view a policy gets.
+
+One object per layer holds, allocated once (``full`` alone grows them):
+
+* ``k, v``       ``[B, Hkv, C, D]`` model dtype (un-rotated keys with rolling positions),
+* ``scores``     ``[B, Hkv, C]`` float32, the policy's per-slot relevance,
+* ``modality``   ``[B, Hkv, C]`` int8 (``inf_mllm.modality`` codes),
+* ``position``   ``[B, Hkv, C]`` int32, each token's original stream position,
+* ``length``     ``[B]`` int32 on the device: valid slots per row; ``lengths`` is its host copy
+  (a Python list kept in step by every method here, so reading it never syncs the device).
+
+The one per-row counter is the number of valid slots (``length``/``lengths``). Tokens fed per
+row (``fed``, device ``[B]`` int64) is a different quantity: the original position of the
+row's next real token.
+
+Policies read every buffer, and change them only through the methods here: :meth:`reset_scores`,
+:meth:`decay_scores`, :meth:`grow` and :meth:`compact` (the only way tokens leave). ``state``
+is the policy's own per-layer state (what ``Policy.new_state`` returned).
+"""
+from __future__ import annotations
+
+from typing import Any, List, Optional, Sequence
+
+import torch
+
+from . import ops
+
+__all__ = ["KVBuffers", "OWNER_ATTR"]
+
+#: attribute of the key buffer that names its owner (the cache layer), so the attention
+#: function finds the layer from the key tensor it receives
+OWNER_ATTR = "_inf_mllm_layer"
+
+
+class KVBuffers:
+    def __init__(self, batch: int, heads: int, capacity: int, head_dim: int, dtype: torch.dtype, device,
+                 state: Any = None, owner: Any = None):
+        if capacity < 1:
+            raise ValueError(f"inf_mllm: buffer capacity must be >= 1, got {capacity}")
+        self.owner = owner
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self._alloc(batch, heads, capacity, head_dim)
+        self.length = torch.zeros(batch, dtype=torch.int32, device=self.device)
+        self.lengths: List[int] = [0] * batch
+        self.fed = torch.zeros(batch, dtype=torch.long, device=self.device)
+        self.evictions = 0
+        self.state = state
+
+    def _alloc(self, B, H, C, D):
+        dev = self.device
+        self.k = torch.zeros(B, H, C, D, dtype=self.dtype, device=dev)
+        self.v = torch.zeros(B, H, C, D, dtype=self.dtype, device=dev)
+        self.scores = torch.zeros(B, H, C, dtype=torch.float32, device=dev)
+        self.modality = torch.zeros(B, H, C, dtype=torch.int8, device=dev)
+        self.position = torch.full((B, H, C), -1, dtype=torch.int32, device=dev)
+        setattr(self.k, OWNER_ATTR, self.owner)
+
+    # ---- shape -------------------------------------------------------------------------
+    @property
+    def batch(self) -> int:
+        return self.k.shape[0]
+
+    @property
+    def heads(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[2]
+
+    def max_length(self) -> int:
+        return max(self.lengths) if self.lengths else 0
+
+    def tensors(self):
+        return (self.k, self.v, self.scores, self.length, self.modality, self.position, self.fed)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    # ---- writes ------------------------------------------------------------------------
+    def append(self, kn: torch.Tensor, vn: torch.Tensor, modality: int, rows: Optional[slice] = None) -> None:
+        """Write ``m`` new tokens ``kn, vn [b, Hkv, m, D]`` at slots ``length..length+m-1`` of
+        ``rows`` (default all), tag them, record their stream positions, advance the counters."""
+        g = slice(None) if rows is None else rows
+        length, fed = self.length[g], self.fed[g]
+        B, m = kn.shape[0], kn.shape[2]
+        ar = torch.arange(m, device=kn.device)
+        slots = length.long()[:, None] + ar  # [B, m]
+        bidx = torch.arange(B, device=kn.device)[:, None]
+        self.k[g][bidx, :, slots] = kn.permute(0, 2, 1, 3)
+        self.v[g][bidx, :, slots] = vn.permute(0, 2, 1, 3)
+        self.position[g][bidx, :, slots] = (fed[:, None] + ar).to(torch.int32)[:, :, None]
+        self.modality[g][bidx, :, slots] = modality
+        fed += m
+        length += m
+        for b in range(self.batch)[g]:
+            self.lengths[b] += m
+
+    def grow(self, needed: int) -> None:
+        """Enlarge the buffers to at least ``needed`` slots (policy ``full`` only)."""
+        B, H, C, D = self.k.shape
+        old = (self.k, self.v, self.scores, self.modality, self.position)
+        self._alloc(B, H, max(needed, 2 * C), D)
+        for dst, src in zip((self.k, self.v, self.scores, self.modality, self.position), old):
+            dst[:, :, :C] = src
+
+    def reset_scores(self, rows: Sequence[int]) -> None:
+        for b in rows:
+            self.scores[b].zero_()
+
+    # ---- eviction: the one way tokens leave ---------------------------------------------
+    def compact(self, rows: Sequence[int], budget: int, n_sink: int, n_recent: int, *,
+                rank: Optional[torch.Tensor] = None, keep_scores: bool = False) -> None:
+        """Evict ``rows`` that hold more than ``budget`` slots down to ``budget`` (``ops.compact_``):
+        keep ``[0, n_sink)``, the last ``n_recent`` slots and the best-ranked slots between, in
+        order; metadata moves along; ``lengths`` follow.
+
+        ``rank`` (``[B, Hkv, C]`` float32, rows indexed like the buffers; consumed): rank by it
+        instead of by ``scores``. ``keep_scores``: the scores move with their tokens (else zeroed).
+        """
+        rows = [b for b in rows if self.lengths[b] > budget]
+        if not rows:
+            return
+        over_all = [b for b in range(self.batch) if self.lengths[b] > budget]
+        # one call when every row over budget is concerned (compact_ skips the others itself)
+        groups = [slice(0, self.batch)] if rows == over_all else [slice(b, b + 1) for b in rows]
+        for g in groups:
+            extras = [self.modality[g], self.position[g]]
+            if rank is None:
+                by, reset = self.scores[g], not keep_scores
+            else:
+                by, reset = rank[g], True
+                if keep_scores:
+                    extras.append(self.scores[g])
+            ops.compact_(self.k[g], self.v[g], by, self.length[g], budget=budget, n_sink=n_sink,
+                         n_recent=n_recent, reset_scores=reset, extras=extras,
+                         check_values=False)  # lengths are tracked on the host: no device sync per layer
+            if rank is not None:
+                if keep_scores:
+                    self.scores[g][:, :, budget:].zero_()  # extras are moved, not cleared past budget
+                else:
+                    self.scores[g].zero_()
+        for b in rows:
+            self.lengths[b] = budget
+        self.evictions += 1

@@ -1,0 +1,66 @@
+"""Positions for rolling mode (SPEC §3): undo the model's RoPE on new tokens, and the cos/sin
+table by slot that the attention operator applies on load.
+
+The model rotates queries and keys at their stream positions before the cache sees them. In
+rolling mode the cache stores keys un-rotated and the operator rotates every key at its current
+slot (and the query at its slot), so :class:`Rope` gives both the exact cos/sin the model used
+for a forward (to undo it) and the table of cos/sin for slots ``0..C-1``, both from the model's
+own rotary module (scaled variants come for free).
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from ._compat import rotary_cos_sin
+from .reference import rotate_half
+
+__all__ = ["Rope", "unrotate"]
+
+
+def unrotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Inverse of ``x*cos + rotate_half(x)*sin`` (cos/sin ``[B|1, n, D]``), computed in float32."""
+    y = x.float()
+    c = cos.float()[:, None]
+    s = sin.float()[:, None]
+    return ((y * c - rotate_half(y) * s) / (c * c + s * s)).to(x.dtype)
+
+
+class Rope:
+    """cos/sin from a model's rotary module, memoised per forward (shared by all layers)."""
+
+    def __init__(self, rotary: torch.nn.Module, capacity: int):
+        self.rotary = rotary
+        self.capacity = capacity
+        self._memo = None
+        self._table: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+
+    def at(self, position_ids: Optional[torch.Tensor], n: int, pos0: int, like: torch.Tensor):
+        """cos/sin ``[B|1, n, D]`` the model used for the ``n`` new tokens of this forward
+        (``position_ids`` as the attention got them, or ``pos0 + arange(n)``)."""
+        # one forward = one (pos0, n); the position_ids object alone is not enough (a caller may
+        # update a static position buffer in place between forwards)
+        memo = self._memo
+        if memo is not None and memo[0] == (pos0, n) and memo[1] is position_ids:
+            return memo[2], memo[3]
+        if position_ids is None:
+            pid = (torch.arange(n, device=like.device) + pos0)[None]
+        else:
+            pid = position_ids if position_ids.dim() == 2 else position_ids[None]
+            pid = pid[..., -n:]
+        cos, sin = rotary_cos_sin(self.rotary, pid, like.dtype, like.device)
+        self._memo = ((pos0, n), position_ids, cos, sin)
+        return cos, sin
+
+    def slot_table(self, device) -> Tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin ``[C, D]`` (float32) for slots ``0..C-1``."""
+        t = self._table
+        if t is None or t[0].device != torch.device(device):
+            pid = torch.arange(self.capacity, device=device)[None]
+            cos, sin = rotary_cos_sin(self.rotary, pid, torch.float32, device)
+            self._table = t = (cos[0].contiguous(), sin[0].contiguous())
+        return t
+
+    def forget(self) -> None:
+        self._memo = None
