@@ -4,10 +4,12 @@ import torch
 
 import inf_mllm
 from inf_mllm.modality import TEXT
+from inf_mllm.policies import available_policies, get_policy_class
 
 from _model import policy_kwargs, tiny_llama
 
-ALL = ["full", "window", "streaming_llm", "h2o", "snapkv", "look_m", "inf_mllm"]
+ALL = available_policies()
+FIXED = [p for p in ALL if not get_policy_class(p).grows]  # every policy with a fixed-size cache
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +39,7 @@ def test_equals_full_below_budget(model, policy):
     torch.testing.assert_close(nll[0], -lp.gather(-1, ids[0, 1:40, None])[:, 0], atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("policy", ["inf_mllm", "streaming_llm", "window", "h2o", "snapkv", "look_m"])
+@pytest.mark.parametrize("policy", FIXED)
 def test_small_budget_never_exceeds_capacity(model, policy):
     kw = policy_kwargs(policy, budget=32, chunk=8)
     cache = inf_mllm.enable(model, policy, **kw)

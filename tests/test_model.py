@@ -3,9 +3,11 @@ import pytest
 import torch
 
 import inf_mllm
+from inf_mllm.policies import available_policies
+
 from _model import smollm  # noqa: F401  (session fixture)
 
-ALL = ["full", "window", "streaming_llm", "h2o", "snapkv", "look_m", "inf_mllm"]
+ALL = available_policies()
 
 
 def _prompt(tok, n_rep=3):
