@@ -1,0 +1,40 @@
+"""A decode step with a StreamingCache compiles whole: ``torch.compile(fullgraph=True)`` (no graph
+break), evictions included, with the same logits as eager."""
+import pytest
+import torch
+
+import inf_mllm
+
+from _model import tiny_llama
+
+
+@pytest.mark.parametrize("policy", ["inf_mllm"])
+def test_decode_step_fullgraph(policy):
+    torch._dynamo.reset()
+    m = tiny_llama(n_layers=2)
+    ids = torch.randint(0, 128, (1, 70), generator=torch.Generator().manual_seed(0))
+    kw = dict(budget=48, chunk=16)
+    if policy != "streaming_llm":
+        kw.update(n_recent=8)
+    if policy == "inf_mllm":
+        kw.update(window=8)
+
+    def run(compile_):
+        cache = inf_mllm.enable(m, policy, **kw)
+        inf_mllm.stream(m, ids[:, :40], cache=cache, chunk=16)
+
+        @torch.no_grad()
+        def step(tok, pos):
+            return m(tok, past_key_values=cache, position_ids=pos).logits[:, -1]
+
+        # aot_eager: dynamo + functionalisation of the in-place custom ops, without inductor's
+        # (slow) C++ compile; fullgraph=True turns any graph break into an error
+        f = torch.compile(step, fullgraph=True, backend="aot_eager") if compile_ else step
+        out = [f(ids[:, t : t + 1], torch.tensor([[t]])) for t in range(40, 70)]
+        return torch.cat(out), cache
+
+    ref, c_ref = run(False)
+    got, c_got = run(True)
+    assert c_got.stats()["evictions"] == c_ref.stats()["evictions"] > 0  # evictions happened inside the graph
+    assert c_got.lengths() == c_ref.lengths()
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
