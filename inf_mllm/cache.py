@@ -148,7 +148,9 @@ class StreamingLayer(CacheLayerMixin):
 
     def _feed(self, rows: List[int], q, kn, vn, out, scaling, cos_t, sin_t, phase) -> None:
         """Write and attend the ``n`` new tokens of ``rows`` (all rows, or one row alone) in pieces
-        that fit the buffer, with the policy's scoring and eviction around each piece."""
+        that fit the buffer, with the policy's scoring and eviction around each piece. Pieces are
+        at most ``slack`` tokens, so one long forward equals the same tokens fed by ``stream``
+        with its default chunk (the policies score per call)."""
         pol, buf = self.cache.policy, self.buf
         n = q.shape[2]
         g = slice(None) if len(rows) == buf.batch else slice(rows[0], rows[0] + 1)
@@ -161,7 +163,7 @@ class StreamingLayer(CacheLayerMixin):
             room = buf.capacity - max(buf.lengths[b] for b in rows)
             if room <= 0:
                 raise RuntimeError(f"inf_mllm: policy {pol.name!r} could not make room in the cache (C={buf.capacity})")
-            m = min(n - i, room)
+            m = min(n - i, room) if pol.grows else min(n - i, room, pol.slack)  # pieces as stream() cuts them
             sl = slice(i, i + m)
             sc = pol.scoring(buf, m, phase, rows)
             buf.append(kn[:, :, sl], vn[:, :, sl], self.cache._modality, g)

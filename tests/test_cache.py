@@ -155,18 +155,18 @@ def test_generate_every_policy(model, policy):
         assert cache.lengths() == [99]
 
 
-def test_long_prompt_through_generate_is_subchunked(model):
-    # a prompt longer than C in one forward: processed in sub-chunks, never above C
-    ids = torch.randint(0, 128, (1, 200), generator=torch.Generator().manual_seed(8))
-    kw = policy_kwargs("inf_mllm", budget=32, chunk=8)
-    c1 = inf_mllm.enable(model, "inf_mllm", **kw)
-    lg1 = model(ids, past_key_values=c1).logits[:, -1]
-    c2 = inf_mllm.enable(model, "inf_mllm", **kw)  # same as feeding C tokens, then chunks of the free room
-    lg2 = model(ids[:, :40], past_key_values=c2).logits[:, -1]
-    for s in range(40, 200, 8):
-        lg2 = model(ids[:, s : s + 8], past_key_values=c2).logits[:, -1]
-    torch.testing.assert_close(lg1, lg2, atol=1e-4, rtol=1e-4)
-    assert max(c1.lengths()) <= c1.capacity
+@pytest.mark.parametrize("policy", FIXED)
+def test_one_long_forward_equals_stream(model, policy):
+    # a forward longer than the buffer is fed in pieces as stream() cuts a prompt (chunk = slack)
+    ids = torch.randint(0, 128, (1, 300), generator=torch.Generator().manual_seed(1))
+    kw = policy_kwargs(policy, budget=48, chunk=16)
+    c1 = inf_mllm.enable(model, policy, **kw)
+    with torch.no_grad():
+        a = model(ids, past_key_values=c1).logits[:, -1]
+    c2 = inf_mllm.enable(model, policy, **kw)
+    b = inf_mllm.stream(model, ids, cache=c2)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert c1.lengths() == c2.lengths() and c1.stats()["evictions"] == c2.stats()["evictions"]
 
 
 def test_stats_and_modality(model):

@@ -82,7 +82,7 @@ def test_snapkv_pooled_selection():
     assert pol.n_recent == 4 and not pol.rolling
     lay = filled_buffers(B=1, H=1, lengths=(30,), C=32, policy=pol)
     lay.scores.zero_()
-    pol.before(lay, 8, "prefill", rows(lay))
+    assert pol.due(lay, 8, "prefill", rows(lay)) == []  # a prefill call: compression pending, not now
     assert pol.scoring(lay, 8, "prefill", rows(lay)).restart == (0,)  # a chunk >= window restarts the scores
     assert pol.scoring(lay, 2, "prefill", rows(lay)).restart == ()  # a shorter one adds to them
     lay.scores[0, 0, 10] = 1.0  # one peak: pooling (kernel 7) spreads it over 7..13
@@ -225,17 +225,24 @@ def test_inf_mllm_pooling_keeps_neighbours():
     assert lay.position[0, 0, :8].tolist() == [0, 9, 10, 11, 16, 17, 22, 23]
 
 
-def test_compress_once_early_not_twice():
+def test_compress_once_per_prompt_piece():
+    # the buffer fills during a long prompt: compressed early; the prompt's tail is compressed once
+    # more before the first decode step; decoding on does not compress again
     pol = make_policy("snapkv", budget=10, window=4, chunk=8)
     lay = filled_buffers(B=1, H=1, lengths=(18,), C=18, policy=pol)
-    pol.before(lay, 8, "prefill", rows(lay))
+    pol.due(lay, 8, "prefill", rows(lay))
     calls = []
     orig = pol.compress
     pol.compress = lambda buf, rows_: (calls.append(list(rows_)), orig(buf, rows_))
     pol.make_room(lay, 8, rows(lay))  # prompt longer than the buffer: compressed early
+    assert calls == [[0]] and lay.lengths == [10]
     lay.append(torch.randn(1, 1, 6, 4), torch.randn(1, 1, 6, 4), TEXT)
+    pol.due(lay, 6, "prefill", rows(lay))
     pol.before(lay, 1, "decode", rows(lay))
-    assert calls == [[0]]
+    assert calls == [[0], [0]] and lay.lengths == [10]
+    lay.append(torch.randn(1, 1, 1, 4), torch.randn(1, 1, 1, 4), TEXT)
+    pol.before(lay, 1, "decode", rows(lay))
+    assert calls == [[0], [0]]
 
 
 @pytest.mark.parametrize("name", ["window", "streaming_llm"])

@@ -32,11 +32,9 @@ class CompressOncePolicy(Policy):
         return self.prefill_scoring(buf, n, rows) if phase == "prefill" else Scoring(window=n)
 
     def before(self, buf, n, phase, rows):
-        pending = buf.state
         if phase == "prefill":
-            for b in rows:
-                pending[b] = True
             return
+        pending = buf.state
         todo = [b for b in rows if pending[b]]
         for b in todo:
             pending[b] = False
@@ -45,7 +43,10 @@ class CompressOncePolicy(Policy):
             self.compress(buf, todo)
 
     def due(self, buf, n, phase, rows):
-        return []  # compressed once before decoding, and when the buffer is full
+        if phase == "prefill":  # after every prefill piece, so one long forward equals the same tokens chunked
+            for b in rows:
+                buf.state[b] = True
+        return []  # compressed before the first decode step, or when the buffer is full
 
     def make_room(self, buf, n, rows):
         pending = buf.state
