@@ -30,7 +30,7 @@ import torch
 
 from . import ops
 from ._compat import Cache, CacheLayerMixin, find_rotary, get_attn_implementation, text_config, unsupported_reason
-from .buffers import OWNER_ATTR, KVBuffers  # noqa: F401  (OWNER_ATTR: see attention.py)
+from .buffers import KVBuffers
 from .modality import NAMES, TEXT, modality_code
 from .policies import DEFAULT_CHUNK, Policy, make_policy
 from .rope import Rope, unrotate

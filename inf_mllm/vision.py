@@ -107,5 +107,3 @@ class FrameEncoder:
                 return out
         return torch.cat(self.encode(frames), 0)
 
-    def tokens_per_image(self) -> Optional[int]:
-        return int(self.encode([np.zeros((self.size, self.size, 3), np.uint8)])[0].shape[0])
