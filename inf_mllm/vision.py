@@ -7,7 +7,7 @@ as ``inputs_embeds`` into the language side.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import List, Sequence
 
 import numpy as np
 import torch
