@@ -26,6 +26,27 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     return out
 
 
+def window_bias(length: torch.Tensor, Lmax: int, w: int, bias: float, bias_mode: str, dtype) -> torch.Tensor:
+    """``[B, Lmax]``: the bias summed over the ``w`` window queries that see each slot ``j``
+    (query ``i`` at slot ``t_i = length - w + i`` sees ``j <= t_i``; none see ``j >= length``).
+
+    ``absolute``: ``bias * j * count_j`` with ``count_j = clamp(length - j, 0, w)``;
+    ``relative``: ``bias * (j + 1) * sum_{t_i >= j} 1 / (t_i + 1) ** 2`` (a loop over the ``w``
+    window queries, ``O(w * Lmax)``)."""
+    length = length.to(torch.long)
+    j = torch.arange(Lmax, device=length.device)
+    if bias == 0.0:
+        return torch.zeros(length.shape[0], Lmax, dtype=dtype, device=length.device)
+    if bias_mode == "absolute":
+        count = (length[:, None] - j[None, :]).clamp(0, w).to(dtype)
+        return bias * j.to(dtype) * count
+    t = length[:, None] - w + torch.arange(w, device=length.device)  # [B, w] slot of each window query
+    inv = (t.to(dtype) + 1).pow(-2)  # [B, w]
+    sees = j[None, None, :] <= t[:, :, None]  # [B, w, Lmax]
+    acc = torch.where(sees, inv[:, :, None], torch.zeros((), dtype=dtype, device=length.device)).sum(dim=1)
+    return bias * (j.to(dtype) + 1) * acc
+
+
 def attention_with_scores_torch(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -37,6 +58,8 @@ def attention_with_scores_torch(
     bias: float,
     cos: Optional[torch.Tensor],
     sin: Optional[torch.Tensor],
+    bias_mode: str = "absolute",
+    decay: float = 1.0,
 ) -> torch.Tensor:
     B, Hq, n, D = q.shape
     Hkv = k.shape[1]
@@ -82,8 +105,10 @@ def attention_with_scores_torch(
             # mean over the GQA group, sum over the retrieval-window queries
             col += p[:, :, :, lo:].sum(dim=3).mean(dim=2)
     if w > 0:
-        # bias * j once per window query that sees slot j: count_j = clamp(length - j, 0, w)
-        count = (length[:, None] - j[None, :]).clamp(0, w).to(cdt)  # [B, Lmax]
-        col += (bias * j.to(cdt) * count)[:, None, :]
-        scores[:, :, :Lmax] += col.to(scores.dtype)
+        col += window_bias(length, Lmax, w, bias, bias_mode, cdt)[:, None, :]
+        sc = scores[:, :, :Lmax]
+        if decay != 1.0:
+            valid = (j[None, :] < length[:, None])[:, None, :]  # slots past length stay untouched
+            sc.copy_(torch.where(valid, sc * decay, sc))
+        sc += col.to(scores.dtype)
     return out.view(B, Hq, n, D).to(q.dtype)

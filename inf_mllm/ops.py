@@ -104,17 +104,22 @@ def _attention_with_scores_op(
     bias: float,
     cos: Optional[torch.Tensor],
     sin: Optional[torch.Tensor],
+    bias_mode: str = "absolute",
+    decay: float = 1.0,
 ) -> torch.Tensor:
     if q.is_cuda and q.dtype != torch.float64:
         from .kernels.attention import attention_with_scores_triton
 
-        return attention_with_scores_triton(q, k, v, length, scores, scale, window, bias, cos, sin)
-    return attention_with_scores_torch(q, k, v, length, scores, scale, window, bias, cos, sin)
+        return attention_with_scores_triton(q, k, v, length, scores, scale, window, bias, cos, sin, bias_mode, decay)
+    return attention_with_scores_torch(q, k, v, length, scores, scale, window, bias, cos, sin, bias_mode, decay)
 
 
 @_attention_with_scores_op.register_fake
-def _(q, k, v, length, scores, scale, window, bias, cos, sin):
+def _(q, k, v, length, scores, scale, window, bias, cos, sin, bias_mode="absolute", decay=1.0):
     return torch.empty_like(q)
+
+
+BIAS_MODES = ("absolute", "relative")
 
 
 # --------------------------------------------------------------------------------------
@@ -203,6 +208,8 @@ def attention_with_scores(
     bias: float = 0.0,
     cos: Optional[torch.Tensor] = None,
     sin: Optional[torch.Tensor] = None,
+    bias_mode: str = "absolute",
+    decay: float = 1.0,
     check_values: Optional[bool] = None,
 ) -> torch.Tensor:
     """Causal attention of ``n`` new queries over a fixed-capacity KV buffer, plus local-sum scores.
@@ -212,14 +219,22 @@ def attention_with_scores(
         k, v: ``[B, Hkv, C, D]`` buffers; the new tokens' keys/values are already written at
             slots ``length[b]-n .. length[b]-1``. Slots ``>= length[b]`` are never read.
         length: ``[B]`` int32, valid slots per row (ragged batches allowed).
-        scores: optional ``[B, Hkv, C]`` float32, updated in place: for each of the last
-            ``min(window, n)`` queries, ``+= mean over the GQA group of p[..., j] + bias * j``
-            for every slot ``j`` the query sees.
+        scores: optional ``[B, Hkv, C]`` float32, updated in place when the call scores
+            (``window > 0``): the valid slots ``j < length[b]`` are multiplied by ``decay``, then
+            each of the last ``min(window, n)`` queries ``i`` (at slot ``t_i``) adds
+            ``mean over the GQA group of p[..., i, j] + bias_ij`` for every slot ``j <= t_i``.
+            Slots ``>= length[b]`` are never changed.
         scale: softmax scale, default ``D ** -0.5``.
         window: retrieval window ``w`` (number of trailing queries that score).
-        bias: attention bias ``beta`` per slot index.
+        bias: attention bias ``beta``.
         cos, sin: optional ``[>=C, D]`` RoPE tables for rolling positions: ``q`` is rotated at
             its slot and every key at its slot while loading.
+        bias_mode: ``"absolute"`` (default): ``bias_ij = beta * j``; ``"relative"`` (SPEC §5):
+            ``bias_ij = beta * (j + 1) / (t_i + 1) ** 2``, i.e. the newest visible slot gets
+            ``beta`` times the query's uniform attention share ``1 / (t_i + 1)``, falling
+            linearly towards the oldest.
+        decay: factor in ``(0, 1]`` applied to the existing scores of the valid slots before
+            the call adds its contributions (fused into the same pass; ``1.0`` keeps them).
         check_values: check the *values* of ``length`` (a host sync on CUDA). ``None`` follows
             :func:`value_checks`; callers that track lengths themselves pass ``False``.
 
@@ -245,6 +260,10 @@ def attention_with_scores(
            f"window must be a non-negative int, got {window!r}")
     _check(isinstance(bias, (int, float)) and not isinstance(bias, bool) and math.isfinite(bias),
            f"bias must be a finite number, got {bias!r}")
+    _check(isinstance(bias_mode, str) and bias_mode in BIAS_MODES,
+           f"bias_mode must be one of {BIAS_MODES}, got {bias_mode!r}")
+    _check(isinstance(decay, (int, float)) and not isinstance(decay, bool) and math.isfinite(decay)
+           and 0.0 < decay <= 1.0, f"decay must be a finite number in (0, 1], got {decay!r}")
     _check(scale is None or (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0),
            f"scale must be a positive finite number, got {scale!r}")
     if (cos is None) != (sin is None):
@@ -264,7 +283,8 @@ def attention_with_scores(
         _check(hi <= C, f"length {hi} exceeds the buffer capacity C={C}")
         _check(lo >= n, f"length {lo} is smaller than the number of new tokens n={n}")
     return torch.ops.inf_mllm.attention_with_scores(
-        q.contiguous(), k, v, length, scores, float(scale), int(window), float(bias), cos, sin
+        q.contiguous(), k, v, length, scores, float(scale), int(window), float(bias), cos, sin, bias_mode,
+        float(decay),
     )
 
 

@@ -38,8 +38,19 @@ def attention_with_scores_ref(
     bias: float = 0.0,
     cos: Optional[torch.Tensor] = None,
     sin: Optional[torch.Tensor] = None,
+    bias_mode: str = "absolute",
+    decay: float = 1.0,
 ) -> torch.Tensor:
-    """SPEC §4.1 computed the obvious way. Updates ``scores`` in place; returns ``out``."""
+    """SPEC §4.1 computed the obvious way. Updates ``scores`` in place; returns ``out``.
+
+    When the call scores (``scores`` given and ``window > 0``), the valid slots ``j < length[b]``
+    of ``scores`` are first multiplied by ``decay``; then each of the last ``min(window, n)``
+    queries ``i`` (at slot ``t_i``) adds ``mean_g p[.., i, j] + bias_ij`` for ``j <= t_i``, with
+    ``bias_ij = bias * j`` (``bias_mode="absolute"``) or ``bias * (j + 1) / (t_i + 1) ** 2``
+    (``"relative"``).
+    """
+    if bias_mode not in ("absolute", "relative"):
+        raise ValueError(f"unknown bias_mode {bias_mode!r}")
     B, Hq, n, D = q.shape
     Hkv = k.shape[1]
     G = Hq // Hkv
@@ -63,10 +74,15 @@ def attention_with_scores_ref(
         p = torch.softmax(logits, dim=-1)
         out[b] = p @ vb
         if scores is not None and window > 0:
+            scores[b, :, :L] *= decay
             for i in range(max(0, n - window), n):
                 ti = int(t[i])
                 row = p[:, i, : ti + 1].reshape(Hkv, G, ti + 1).mean(dim=1)  # [Hkv, ti+1]
-                row = row + bias * j[: ti + 1].to(row.dtype)
+                jj = j[: ti + 1].to(row.dtype)
+                if bias_mode == "absolute":
+                    row = row + bias * jj
+                else:
+                    row = row + bias * (jj + 1) / (ti + 1) ** 2
                 scores[b, :, : ti + 1] += row.to(scores.dtype)
     return out
 

@@ -13,15 +13,21 @@ CUDA-graph capturable and never syncs):
   the raw scaled logits to a float32 workspace ``[B * Hkv, G * w, C]`` (window rows only;
   equivalent to storing ``exp(s - m_split)`` and rescaling it later). The reduce kernel (same grid) merges the
   splits with the global log-sum-exp; split 0 writes ``out``, and every program turns the
-  logits of its own slot slice into ``p = exp(s - lse)`` and adds
-  ``mean_g p + bias * j * count_j`` into ``scores`` (each slot owned by one program: no
-  atomics).
+  logits of its own slot slice into ``p = exp(s - lse)`` and updates
+  ``scores[j] = decay * scores[j] + mean_g p + bias_j`` (each slot owned by one program: no
+  atomics; ``bias_j`` is the window queries' bias summed for slot ``j``, see below).
 * **prefill** (larger ``n``): a flash-attention forward, grid ``(cdiv(n, BLOCK_M), B * Hq)``,
   online softmax over key blocks, causal by slot with a per-row ``length``; it also writes
   the row log-sum-exp. A second kernel, grid ``(B * Hkv, cdiv(C, BLOCK_N))``, reloads the
   last ``min(w, n)`` queries of all ``G`` heads, recomputes the logits of its key block,
-  ``p = exp(s - lse)``, sums over the window queries, means over the group, adds
-  ``bias * j * count_j`` and adds the result to ``scores``.
+  ``p = exp(s - lse)``, sums over the window queries, means over the group and updates
+  ``scores[j] = decay * scores[j] + col_j + bias_j`` for its valid slots ``j < length``.
+
+Bias (``_window_bias``), summed over the window queries at slots ``t`` that see slot ``j``:
+``absolute`` ``bias * j * count_j`` (``count_j = clamp(length - j, 0, nw)``); ``relative``
+``bias * (j + 1) * sum_t 1 / (t + 1)^2``, a scalar loop over the ``nw <= window`` window slots
+per key block (no read of K). ``decay`` multiplies the old scores in the same store, so it
+costs no launch; with ``decay == 1`` the update is the plain ``+=``.
 
 RoPE (rolling positions) is applied on load: ``x * cos[t] + rotate_half(x) * sin[t]`` with
 ``rotate_half(x)[d] = -x[d + D/2]`` for ``d < D/2`` and ``x[d - D/2]`` otherwise, i.e. a
@@ -116,6 +122,24 @@ def _load_rows(base, row_off, pos, row_mask, cos_ptr, sin_ptr, d,
 
 
 @triton.jit
+def _window_bias(j, L, nw, bias, BIAS_REL: tl.constexpr):
+    """The bias summed over the ``nw`` window queries (slots ``L - nw .. L - 1``) that see slot
+    ``j``, as float32 ``[BLOCK_N]``: ``absolute`` ``bias * j * count_j`` with ``count_j =
+    clamp(L - j, 0, nw)``; ``relative`` ``bias * (j + 1) * sum_{t >= j} 1 / (t + 1)^2`` over the
+    window slots ``t`` (a scalar loop of ``nw <= window`` steps; no read of K)."""
+    jf = j.to(tl.float32)
+    if BIAS_REL:
+        acc = tl.zeros_like(jf)
+        for ii in range(0, nw):
+            tp1 = (L - nw + ii + 1).to(tl.float32)
+            acc += tl.where(j < L - nw + ii + 1, 1.0 / (tp1 * tp1), 0.0)
+        return bias * (jf + 1.0) * acc
+    else:
+        cnt = tl.minimum(tl.maximum(L - j, 0), nw).to(tl.float32)
+        return bias * jf * cnt
+
+
+@triton.jit
 def _qk(q, k, LOWP: tl.constexpr, DT: tl.constexpr):
     """``q [R, D] @ k[N, D]^T`` with float32 accumulation."""
     if LOWP:
@@ -203,9 +227,9 @@ def _decode_stage1(
 @triton.jit
 def _decode_reduce(
     O, LEN, SCORES, M_WS, L_WS, ACC_WS, S_WS,
-    Hkv, C, n, NS, R, nw, G, bias,
+    Hkv, C, n, NS, R, nw, G, bias, decay,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_N: tl.constexpr, NS_P2: tl.constexpr, SCORE: tl.constexpr,
+    BLOCK_N: tl.constexpr, NS_P2: tl.constexpr, SCORE: tl.constexpr, BIAS_REL: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     sid = tl.program_id(1)
@@ -257,9 +281,8 @@ def _decode_reduce(
             x = tl.load(s_base + srow[:, None] * C + j[None, :], mask=vis, other=float("-inf"))
             p = tl.where(vis, tl.exp(x - lse[:, None]), 0.0)
             col = tl.sum(p, 0) * inv_g
-            cnt = tl.minimum(tl.maximum(L - j, 0), nw).to(tl.float32)
             old = tl.load(sc_base + j, mask=jmask, other=0.0)
-            tl.store(sc_base + j, old + col + bias * j.to(tl.float32) * cnt, mask=jmask)
+            tl.store(sc_base + j, old * decay + col + _window_bias(j, L, nw, bias, BIAS_REL), mask=jmask)
 
 
 # --------------------------------------------------------------------------------------
@@ -325,10 +348,10 @@ def _prefill_fwd(
 @triton.jit
 def _prefill_scores(
     Q, K, LSE, LEN, COS, SIN, SCORES,
-    scale, Hkv, G, C, n, nw, bias,
+    scale, Hkv, G, C, n, nw, bias, decay,
     HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_ROPE: tl.constexpr, LOWP: tl.constexpr, DT: tl.constexpr,
+    HAS_ROPE: tl.constexpr, LOWP: tl.constexpr, DT: tl.constexpr, BIAS_REL: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -361,10 +384,9 @@ def _prefill_scores(
             vis = rmask[:, None] & (j[None, :] <= t[:, None]) & jmask[None, :]
             p = tl.where(vis, tl.exp(s - lse[:, None]), 0.0)
             col += tl.sum(p, 0)
-        cnt = tl.minimum(tl.maximum(L - j, 0), nw).to(tl.float32)
         sc_base = SCORES + pid_bh.to(tl.int64) * C
         old = tl.load(sc_base + j, mask=jmask, other=0.0)
-        tl.store(sc_base + j, old + col / G + bias * j.to(tl.float32) * cnt, mask=jmask)
+        tl.store(sc_base + j, old * decay + col / G + _window_bias(j, L, nw, bias, BIAS_REL), mask=jmask)
 
 
 # --------------------------------------------------------------------------------------
@@ -392,6 +414,8 @@ def attention_with_scores_triton(
     bias: float,
     cos: Optional[torch.Tensor],
     sin: Optional[torch.Tensor],
+    bias_mode: str = "absolute",
+    decay: float = 1.0,
     *,
     path: Optional[str] = None,
     num_splits: Optional[int] = None,
@@ -418,6 +442,10 @@ def attention_with_scores_triton(
     HALF = D // 2
     scale = float(scale)
     bias = float(bias)
+    decay = float(decay)
+    if bias_mode not in ("absolute", "relative"):
+        raise ValueError(f"unknown bias_mode {bias_mode!r}")
+    bias_rel = bias_mode == "relative"
     out = _empty(q.shape, q.dtype, dev)
 
     if path is None:
@@ -453,9 +481,9 @@ def attention_with_scores_triton(
         )
         _decode_reduce[grid](
             out, length, sc_t, m_ws, l_ws, acc_ws, s_ws,
-            Hkv, C, n, ns, R, nw, G, bias,
+            Hkv, C, n, ns, R, nw, G, bias, decay,
             HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_R=BLOCK_R, BLOCK_N=BLOCK_N,
-            NS_P2=max(2, _next_pow2(ns)), SCORE=score, num_warps=num_warps,
+            NS_P2=max(2, _next_pow2(ns)), SCORE=score, BIAS_REL=bias_rel and score, num_warps=num_warps,
         )
         return out
 
@@ -487,9 +515,9 @@ def attention_with_scores_triton(
     if score:
         _prefill_scores[(B * Hkv, triton.cdiv(C, BLOCK_NS))](
             q, k, lse, length, cos_t, sin_t, sc_t,
-            scale, Hkv, G, C, n, nw, bias,
+            scale, Hkv, G, C, n, nw, bias, decay,
             HEAD_DIM=D, HALF=HALF, BLOCK_D=BLOCK_D, BLOCK_R=BLOCK_R, BLOCK_N=BLOCK_NS,
-            HAS_ROPE=has_rope, LOWP=lowp, DT=DT, num_warps=num_warps,
+            HAS_ROPE=has_rope, LOWP=lowp, DT=DT, BIAS_REL=bias_rel, num_warps=num_warps,
             num_stages=num_stages,
         )
     return out

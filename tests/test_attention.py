@@ -51,12 +51,13 @@ def make_inputs(B, Hkv, G, D, n, C, lens, dtype, rope=False, with_scores=True, p
     return mv(q), mv(k), mv(v), mv(length), mv(scores), mv(cos), mv(sin)
 
 
-def _ref(q, k, v, length, scores, window, bias, cos, sin, dtype):
+def _ref(q, k, v, length, scores, window, bias, cos, sin, dtype, bias_mode="absolute", decay=1.0):
     """Reference in ``dtype`` (float64 for the gold one), on the CPU."""
     c = lambda t: None if t is None else t.detach().cpu().to(dtype)  # noqa: E731
     sc = None if scores is None else scores.detach().cpu().to(torch.float64 if dtype == torch.float64 else torch.float32).clone()
     out = attention_with_scores_ref(
-        c(q), c(k), c(v), length.cpu(), sc, scale=q.shape[-1] ** -0.5, window=window, bias=bias, cos=c(cos), sin=c(sin)
+        c(q), c(k), c(v), length.cpu(), sc, scale=q.shape[-1] ** -0.5, window=window, bias=bias, cos=c(cos), sin=c(sin),
+        bias_mode=bias_mode, decay=decay,
     )
     return out, sc
 
@@ -86,13 +87,14 @@ def _compare(fn, case, device="cpu", poison="nan"):
     )
     # gold reference in float64 on the clean (un-poisoned beyond length) view: the reference only
     # reads slots < length, so the poison does not reach it either.
-    out64, sc64 = _ref(q, k, v, length, scores, window, bias, cos, sin, torch.float64)
+    mode, decay = case.get("bias_mode", "absolute"), case.get("decay", 1.0)
+    out64, sc64 = _ref(q, k, v, length, scores, window, bias, cos, sin, torch.float64, mode, decay)
     if dtype != torch.float32:
-        outd, scd = _ref(q, k, v, length, scores, window, bias, cos, sin, dtype)
+        outd, scd = _ref(q, k, v, length, scores, window, bias, cos, sin, dtype, mode, decay)
     else:
         outd, scd = None, None
     scores_in = None if scores is None else scores.clone()
-    out = fn(q, k, v, length, scores_in, window, bias, cos, sin)
+    out = fn(q, k, v, length, scores_in, window, bias, cos, sin, bias_mode=mode, decay=decay)
     assert out.shape == q.shape and out.dtype == q.dtype and out.device == q.device
     _check_close("out", out, out64, outd, dtype)
     if scores is not None:
@@ -100,14 +102,19 @@ def _compare(fn, case, device="cpu", poison="nan"):
         s0 = scores.detach().cpu().double()
         _check_close("scores", scores_in.detach().cpu().double() - s0, sc64 - s0,
                      None if scd is None else scd.double() - s0, dtype, eps=_EPS_SCORES)
+        # slots past a row's length are never touched (exactly: no decay, no bias, no NaN)
+        for b, L in enumerate(lens):
+            assert torch.equal(scores_in[b, :, L:].cpu(), scores[b, :, L:].cpu()), f"row {b}: scores past length changed"
 
 
 def _case(B=2, Hkv=2, G=1, D=64, n=1, C=160, lens=None, window=32, bias=1e-3, rope=True, scores=True,
-          dtype=torch.float32, path=None, num_splits=None, rope_dtype=torch.float32, id=""):
+          dtype=torch.float32, path=None, num_splits=None, rope_dtype=torch.float32, bias_mode="absolute", decay=1.0,
+          id=""):
     if lens is None:
         lens = [C, max(n, C // 2 - 7)][:B] + [C - 3] * max(0, B - 2)
     return pytest.param(dict(B=B, Hkv=Hkv, G=G, D=D, n=n, C=C, lens=lens, window=window, bias=bias, rope=rope,
-                             scores=scores, dtype=dtype, path=path, num_splits=num_splits, rope_dtype=rope_dtype), id=id)
+                             scores=scores, dtype=dtype, path=path, num_splits=num_splits, rope_dtype=rope_dtype,
+                             bias_mode=bias_mode, decay=decay), id=id)
 
 
 f32, f16, bf16 = torch.float32, torch.float16, torch.bfloat16
@@ -135,6 +142,17 @@ KERNEL_CASES = [
     _case(G=3, D=96, n=1, C=200, dtype=f16, window=32, num_splits=2, rope_dtype=bf16, id="dec-gqa3-d96-rope-bf16tables"),
     _case(B=2, G=3, D=96, n=150, C=256, dtype=f32, window=20, bias=1e-3, lens=[256, 151], rope_dtype=torch.float64,
           id="pre-gqa3-d96-n150-2mblocks"),
+    # relative bias (SPEC §5) and decay of the old scores, fused into the score pass
+    _case(B=3, G=3, D=64, n=1, C=200, dtype=f32, window=32, bias=2.0, bias_mode="relative", decay=0.75,
+          num_splits=3, lens=[200, 1, 77], id="dec-gqa3-n1-rel-decay-ragged3"),
+    _case(G=4, D=64, n=5, C=160, dtype=f16, window=3, bias=1.5, bias_mode="relative", decay=0.5, num_splits=2,
+          id="dec-gqa4-n5-w3-rel-decay-f16"),
+    _case(G=2, D=64, n=5, C=96, dtype=bf16, window=40, bias=0.7, bias_mode="absolute", decay=0.9,
+          lens=[96, 5], id="dec-gqa2-n5-w40-abs-decay-bf16"),
+    _case(B=3, G=3, D=64, n=64, C=200, dtype=f32, window=16, bias=3.0, bias_mode="relative", decay=0.6,
+          lens=[200, 64, 131], id="pre-gqa3-n64-w16-rel-decay-ragged3"),
+    _case(G=2, D=64, n=40, C=128, dtype=f16, window=100, bias=1.0, bias_mode="relative", decay=0.8,
+          path="prefill", rope=False, id="pre-gqa2-n40-w100-rel-decay-f16"),
 ]
 
 # The vectorised CPU path is cheap: a wider matrix.
@@ -143,6 +161,15 @@ OP_CASES = [
     for (G, D, n, C) in [(1, 64, 1, 96), (3, 64, 5, 96), (4, 128, 64, 160), (8, 128, 1, 96), (8, 64, 64, 128)]
     for dt in (f32, f16, bf16)
     for (w, bias, rope, sc) in [(32, 1e-3, True, True), (3, 0.0, False, True), (0, 1e-2, True, True), (8, 1e-3, False, False)]
+] + [
+    # relative bias and decay (SPEC §5); w < n, w > n, w = 0 (no decay then), ragged rows
+    _case(B=B, G=G, D=D, n=n, C=C, dtype=dt, window=w, bias=bias, bias_mode=mode, decay=decay, rope=rope, lens=lens,
+          id=f"G{G}-D{D}-n{n}-{str(dt)[6:]}-w{w}-{mode}{bias}-decay{decay}-rope{int(rope)}")
+    for (B, G, D, n, C, lens) in [(3, 3, 64, 1, 96, [96, 1, 40]), (2, 4, 128, 64, 160, [160, 70]),
+                                  (3, 8, 64, 5, 96, [96, 5, 50])]
+    for dt in (f32, bf16)
+    for (w, bias, mode, decay, rope) in [(32, 2.0, "relative", 0.7, True), (3, 1.0, "relative", 0.5, False),
+                                         (8, 1e-2, "absolute", 0.25, True), (0, 2.0, "relative", 0.5, True)]
 ]
 
 
@@ -151,8 +178,9 @@ OP_CASES = [
 # --------------------------------------------------------------------------------------
 
 
-def _op(q, k, v, length, scores, window, bias, cos, sin):
-    return ops.attention_with_scores(q, k, v, length, scores, window=window, bias=bias, cos=cos, sin=sin)
+def _op(q, k, v, length, scores, window, bias, cos, sin, bias_mode="absolute", decay=1.0):
+    return ops.attention_with_scores(q, k, v, length, scores, window=window, bias=bias, cos=cos, sin=sin,
+                                     bias_mode=bias_mode, decay=decay)
 
 
 @pytest.mark.parametrize("case", OP_CASES)
@@ -190,9 +218,9 @@ def poisoned_workspaces(monkeypatch):
 def _triton_fn(case):
     from inf_mllm.kernels.attention import attention_with_scores_triton
 
-    def fn(q, k, v, length, scores, window, bias, cos, sin):
+    def fn(q, k, v, length, scores, window, bias, cos, sin, bias_mode="absolute", decay=1.0):
         return attention_with_scores_triton(
-            q, k, v, length, scores, q.shape[-1] ** -0.5, window, bias, cos, sin,
+            q, k, v, length, scores, q.shape[-1] ** -0.5, window, bias, cos, sin, bias_mode, decay,
             path=case["path"], num_splits=case["num_splits"],
         )
 
@@ -343,21 +371,24 @@ def test_bad_window():
 
 
 def test_opcheck():
-    for rope, with_scores in ((True, True), (False, False)):
+    for rope, with_scores, extra in ((True, True, ()), (False, False, ()), (True, True, ("relative", 0.5)),
+                                     (False, True, ("absolute", 0.25))):
         q, k, v, length, scores, cos, sin = make_inputs(2, 2, 3, 64, 4, 32, [32, 9], f32, rope=rope,
                                                         with_scores=with_scores, poison="huge")
         torch.library.opcheck(
             torch.ops.inf_mllm.attention_with_scores.default,
-            (q, k, v, length, scores, 0.125, 3, 1e-3, cos, sin),
+            (q, k, v, length, scores, 0.125, 3, 1e-3, cos, sin) + extra,
         )
 
 
+@pytest.mark.parametrize("bias_mode, bias, decay", [("absolute", 1e-3, 1.0), ("relative", 2.0, 0.5)])
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
-def test_torch_compile(backend):
+def test_torch_compile(backend, bias_mode, bias, decay):
     q, k, v, length, scores, cos, sin = make_inputs(2, 2, 3, 64, 2, 48, [48, 20], f32, rope=True, poison="huge")
 
     def f(q, k, v, length, scores, cos, sin):
-        out = ops.attention_with_scores(q, k, v, length, scores, window=2, bias=1e-3, cos=cos, sin=sin)
+        out = ops.attention_with_scores(q, k, v, length, scores, window=2, bias=bias, cos=cos, sin=sin,
+                                        bias_mode=bias_mode, decay=decay)
         return out * 2.0
 
     torch._dynamo.reset()
@@ -371,7 +402,7 @@ def test_torch_compile(backend):
         raise
     ref_sc = scores.double().clone()
     ref = attention_with_scores_ref(q.double(), k.double(), v.double(), length, ref_sc, scale=0.125, window=2,
-                                    bias=1e-3, cos=cos.double(), sin=sin.double())
+                                    bias=bias, cos=cos.double(), sin=sin.double(), bias_mode=bias_mode, decay=decay)
     torch.testing.assert_close(out.double(), 2 * ref, rtol=1e-5, atol=1e-5)
     assert not torch.equal(sc, scores), "the in-place score update did not happen under torch.compile"
     torch.testing.assert_close(sc.double(), ref_sc, rtol=1e-5, atol=1e-5)
@@ -410,8 +441,106 @@ def test_check_values_switch():
     (dict(bias=float("nan")), "bias must be a finite number"),
     (dict(scale=float("inf")), "scale must be a positive finite number"),
     (dict(scale=-1.0), "scale must be a positive finite number"),
+    (dict(bias_mode="slot"), "bias_mode must be one of"),
+    (dict(bias_mode=None), "bias_mode must be one of"),
+    (dict(decay=0.0), "decay must be a finite number in \\(0, 1\\]"),
+    (dict(decay=1.5), "decay must be a finite number in \\(0, 1\\]"),
+    (dict(decay=-0.5), "decay must be a finite number in"),
+    (dict(decay=float("nan")), "decay must be a finite number in"),
+    (dict(decay=float("inf")), "decay must be a finite number in"),
+    (dict(decay=True), "decay must be a finite number in"),
 ])
 def test_bad_scalar_arguments(kw, match):
     q, k, v, length, scores, cos, sin = make_inputs(1, 2, 2, 64, 1, 16, [16], torch.float32, poison="huge")
     with pytest.raises(ValueError, match=match):
         ops.attention_with_scores(q, k, v, length, scores, **kw)
+
+
+# --------------------------------------------------------------------------------------
+# scores over several calls: decay + bias, against a plain recomputation (SPEC §5)
+# --------------------------------------------------------------------------------------
+
+
+def _stream_scores_plain(q_calls, k, length0, calls, G, window, bias, bias_mode, decays, s_init, cos, sin):
+    """Scores after the calls, recomputed from the definition in float64: every window query's
+    softmax row from scratch, the contribution of call ``c`` multiplied by the decays of the
+    calls after it, the initial scores by all of them."""
+    B, Hkv, C, D = k.shape
+    out = torch.zeros(B, Hkv, C, dtype=torch.float64)
+    kd, cd, sd = k.double(), cos.double(), sin.double()
+    for b in range(B):
+        L = int(length0[b])
+        total = s_init[b].double().clone()
+        total[:, L:] = 0.0  # slots not yet written start at zero (the test fills them so)
+        for c, n in enumerate(calls):
+            L += n
+            total[:, :L] *= decays[c]
+            for i in range(max(0, n - window), n):
+                t = L - n + i
+                for h in range(Hkv):
+                    kr = kd[b, h, : t + 1] * cd[: t + 1] + torch.cat([-kd[b, h, : t + 1, D // 2:], kd[b, h, : t + 1, : D // 2]], -1) * sd[: t + 1]
+                    acc = torch.zeros(t + 1, dtype=torch.float64)
+                    for g in range(G):
+                        x = q_calls[c][b, h * G + g, i].double()
+                        xr = x * cd[t] + torch.cat([-x[D // 2:], x[: D // 2]]) * sd[t]
+                        acc += torch.softmax((kr @ xr) * D ** -0.5, dim=0)
+                    jj = torch.arange(t + 1, dtype=torch.float64)
+                    b_ij = bias * jj if bias_mode == "absolute" else bias * (jj + 1) / (t + 1) ** 2
+                    total[h, : t + 1] += acc / G + b_ij
+        out[b] = total
+    return out
+
+
+def _stream_impls():
+    yield pytest.param("op-cpu", "cpu", id="op-cpu")
+    yield pytest.param("triton", "cpu", id="triton-interpreter")
+    yield pytest.param("op-gpu", "cuda", marks=pytest.mark.gpu, id="op-gpu")
+
+
+@pytest.mark.parametrize("bias_mode, bias", [("relative", 2.0), ("absolute", 1e-2)])
+@pytest.mark.parametrize("impl, device", list(_stream_impls()))
+def test_scores_over_calls_with_decay_match_plain_recomputation(impl, device, bias_mode, bias):
+    """A prefill chunk (prefill path), decode steps and a small chunk (decode path), each with
+    its own decay, on ragged rows with NaN past length: the scores equal the definition."""
+    from inf_mllm.kernels.attention import attention_with_scores_triton
+
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    gen = torch.Generator().manual_seed(7)
+    B, Hkv, G, D, C, window = 2, 2, 3, 32, 64, 4
+    calls = [32, 1, 1, 6, 1]  # G * 32 = 96 rows: prefill path; the others decode
+    decays = [1.0, 0.5, 0.9, 0.75, 0.3]
+    length0 = [0, 10]
+    k = torch.randn(B, Hkv, C, D, generator=gen)
+    v = torch.randn(B, Hkv, C, D, generator=gen)
+    cos, sin = _rope_tables(C, D)
+    s_init = torch.rand(B, Hkv, C, generator=gen) + 0.5
+    q_calls = [torch.randn(B, Hkv * G, n, D, generator=gen) for n in calls]
+    want = _stream_scores_plain(q_calls, k, length0, calls, G, window, bias, bias_mode, decays, s_init, cos, sin)
+
+    kb, vb = k.clone(), v.clone()
+    scores = s_init.clone()
+    for b, L in enumerate(length0):
+        scores[b, :, L:] = 0.0
+    lens = list(length0)
+    for c, n in enumerate(calls):
+        lens = [L + n for L in lens]
+        # the stream so far: slots past each row's length hold NaN (never written yet)
+        for b, L in enumerate(lens):
+            kb[b, :, L:] = float("nan")
+            vb[b, :, L:] = float("nan")
+            kb[b, :, :L] = k[b, :, :L]
+            vb[b, :, :L] = v[b, :, :L]
+        length = torch.tensor(lens, dtype=torch.int32)
+        args = [t.to(device) for t in (q_calls[c], kb, vb, length)]
+        sc_dev = scores.to(device)
+        if impl == "triton":
+            out = attention_with_scores_triton(*args, sc_dev, D ** -0.5, window, bias, cos, sin, bias_mode, decays[c])
+        else:
+            out = ops.attention_with_scores(*args, sc_dev, window=window, bias=bias, cos=cos.to(device),
+                                            sin=sin.to(device), bias_mode=bias_mode, decay=decays[c])
+        assert torch.isfinite(out).all()
+        scores = sc_dev.cpu()
+    for b, L in enumerate(lens):
+        assert torch.equal(scores[b, :, L:], torch.zeros_like(scores[b, :, L:])), "slots past length changed"
+    torch.testing.assert_close(scores.double(), want, rtol=1e-5, atol=2e-5)

@@ -12,7 +12,8 @@ down to a cubin, and its static shared memory is checked against the target's li
 
 ``--smoke`` (what ``tests/test_triton_compile.py`` runs, about a minute on sm_90): bf16 and
 fp32, D=128, RoPE + scores, n=1 and n=64 (decode and prefill), plus the fp32 RoPE variants
-that once overflowed shared memory (D=64/128, decode and prefill). ``--only`` keeps the
+that once overflowed shared memory (D=64/128, decode and prefill). Every scoring launch is
+captured with both bias forms (``absolute``, ``relative``), a constexpr of the score kernels. ``--only`` keeps the
 launches of the named kernel(s) (comma separated). ``--regs`` also runs ptxas -v on each
 variant and prints its registers and spills. ``VERBOSE=1`` prints every variant that passes.
 
@@ -86,7 +87,10 @@ def capture_launches(cases):
             scores = torch.empty(B, Hkv, C) if score else None
             cos = torch.empty(C, D) if rope else None
             sin = torch.empty(C, D) if rope else None
-            attention_with_scores_triton(q, k, v, length, scores, D ** -0.5, 32, 1e-3, cos, sin, num_splits=ns)
+            # both bias forms (BIAS_REL is a constexpr: two variants of each scoring kernel)
+            for bias_mode, bias, decay in (("absolute", 1e-3, 1.0), ("relative", 1.0, 0.5))[: 2 if score else 1]:
+                attention_with_scores_triton(q, k, v, length, scores, D ** -0.5, 32, bias, cos, sin, bias_mode, decay,
+                                             num_splits=ns)
     finally:
         JITFunction.run = orig
     return list(launches.values())
