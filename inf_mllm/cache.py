@@ -181,12 +181,7 @@ class StreamingLayer(CacheLayerMixin):
 def _scoring_args(sc) -> dict:
     if sc is None:
         return dict(window=0)
-    kw = dict(window=sc.window, bias=sc.bias)
-    if sc.bias_mode != "absolute":
-        kw["bias_mode"] = sc.bias_mode
-    if sc.decay != 1.0:
-        kw["decay"] = sc.decay
-    return kw
+    return dict(window=sc.window, bias=sc.bias, bias_mode=sc.bias_mode, decay=sc.decay)
 
 
 def _real_tokens(attention_mask, n: int, device) -> Optional[torch.Tensor]:

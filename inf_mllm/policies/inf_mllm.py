@@ -22,10 +22,9 @@ video frames cannot push out the text (question, instructions).
 import torch
 
 from ..modality import TEXT
+from ..ops import BIAS_MODES
 from .base import ROLLING, Policy, Scoring, check_int, check_number, register_policy
 from .snapkv import max_pool_slots
-
-BIAS_MODES = ("relative", "absolute")
 
 
 @register_policy
