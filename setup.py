@@ -10,8 +10,9 @@ kernels when torch is a CUDA build (``torch.version.cuda``) and nvcc is found, u
 * ``CUDA_HOME`` / ``CUDA_PATH`` / ``nvcc`` on ``PATH``: the CUDA compiler.
 * ``MAX_JOBS``: parallel compile jobs; ``CMAKE_BUILD_TYPE`` (default Release);
   ``INF_MLLM_CMAKE_ARGS``: extra CMake arguments.
-* Without CMake (or with ``INF_MLLM_NO_CMAKE=1``) the CPU library is compiled with the C++
-  compiler directly (no CUDA kernels then).
+
+CMake (>= 3.18) is the one build: ``pip install cmake`` if it is missing (``scripts/install.sh``
+does; an isolated build gets it from ``pyproject.toml``).
 
 ``pip install --no-build-isolation -e .`` leaves ``inf_mllm/_C*.so`` in the source tree,
 where ``inf_mllm/ops.py`` loads it.
@@ -157,31 +158,14 @@ class cmake_build_ext(build_ext):
 
         build_temp = os.path.join(os.path.abspath(self.build_temp), ext.name)
         os.makedirs(build_temp, exist_ok=True)
-        cmake = None if _env_flag("INF_MLLM_NO_CMAKE") else _find_cmake()
+        cmake = _find_cmake()
         if cmake is None:
-            if with_cuda:
-                print("inf_mllm: CMake not found; building the CPU kernels only (install cmake for CUDA)", file=sys.stderr)
-            return self._build_cpu_without_cmake(ext, fullpath, torch)
+            raise RuntimeError("inf_mllm: CMake (>= 3.18) is needed to build the native operators: pip install cmake")
         jobs = os.environ.get("MAX_JOBS") or str(os.cpu_count() or 1)
         subprocess.check_call([cmake, "-S", ext.sourcedir, "-B", build_temp, *args])
         subprocess.check_call([cmake, "--build", build_temp, "--config", build_type, "-j", jobs])
         if not os.path.isfile(fullpath):
             raise RuntimeError(f"inf_mllm: CMake did not produce {fullpath}")
-
-    def _build_cpu_without_cmake(self, ext, fullpath, torch) -> None:
-        """Fallback when no CMake is installed (``--no-build-isolation`` skips the build
-        requirements): compile the CPU library with the C++ compiler directly."""
-        from torch.utils import cpp_extension
-
-        cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or "c++"
-        torch_lib = os.path.join(os.path.dirname(torch.__file__), "lib")
-        cmd = [cxx, "-O3", "-std=c++20", "-fPIC", "-shared", "-fopenmp", "-fvisibility=hidden",
-               f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
-        cmd += [f"-I{p}" for p in cpp_extension.include_paths()]
-        cmd += [os.path.join(ext.sourcedir, "csrc", f) for f in ("torch_bindings.cpp", "compact_cpu.cpp")]
-        cmd += [f"-L{torch_lib}", f"-Wl,-rpath,{torch_lib}", "-lc10", "-ltorch_cpu", "-ltorch", "-o", fullpath]
-        print(" ".join(cmd))
-        subprocess.check_call(cmd)
 
 
 packages = ["inf_mllm", *find_packages(include=["inf_mllm.*"]), "inf_mllm.kernels"]

@@ -6,10 +6,8 @@
 
 namespace inf_mllm {
 
-// Schema (registered in torch_bindings.cpp):
-//   compact_(Tensor(a!) k, Tensor(b!) v, Tensor(c!) scores, Tensor(d!) length,
-//            Tensor(e!)[] extras, int budget, int n_sink, int n_recent, bool reset_scores,
-//            bool return_indices) -> Tensor
+// The operator's schema is defined once, in inf_mllm/ops.py (COMPACT_SCHEMA); the kernels
+// below are registered for it with TORCH_LIBRARY_IMPL beside their implementations.
 at::Tensor compact_cpu(at::Tensor& k, at::Tensor& v, at::Tensor& scores, at::Tensor& length,
                        at::TensorList extras, int64_t budget, int64_t n_sink, int64_t n_recent,
                        bool reset_scores, bool return_indices);

@@ -34,8 +34,17 @@ __all__ = [
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 # --------------------------------------------------------------------------------------
-# Native library (csrc/): defines inf_mllm::compact_ with CPU and (when built) CUDA kernels.
+# compact_: the schema is defined here, once; the native library (csrc/, loaded below)
+# registers its CPU and (when built) CUDA kernels for it with TORCH_LIBRARY_IMPL.
 # --------------------------------------------------------------------------------------
+
+COMPACT_SCHEMA = (
+    "compact_(Tensor(a!) k, Tensor(b!) v, Tensor(c!) scores, Tensor(d!) length, "
+    "Tensor(e!)[] extras, int budget, int n_sink, int n_recent, bool reset_scores, "
+    "bool return_indices) -> Tensor"
+)
+_LIB = torch.library.Library("inf_mllm", "FRAGMENT")
+_LIB.define(COMPACT_SCHEMA)
 
 
 def _load_native() -> bool:
@@ -55,19 +64,13 @@ def native_available() -> bool:
 
 
 if not _NATIVE:
-    # A source checkout that was never built: keep the same op (same schema) with the
-    # reference as its implementation, so everything works, only slower.
+    # A source checkout that was never built: the same op with the reference as its
+    # implementation, so everything works, only slower.
     warnings.warn(
         "inf_mllm: native extension (inf_mllm/_C) not found; compact_ falls back to the "
         "PyTorch reference. Build it with `pip install --no-build-isolation -e .`.",
         RuntimeWarning,
         stacklevel=2,
-    )
-    _fallback_lib = torch.library.Library("inf_mllm", "FRAGMENT")
-    _fallback_lib.define(
-        "compact_(Tensor(a!) k, Tensor(b!) v, Tensor(c!) scores, Tensor(d!) length, "
-        "Tensor(e!)[] extras, int budget, int n_sink, int n_recent, bool reset_scores, "
-        "bool return_indices) -> Tensor"
     )
 
     def _compact_fallback(k, v, scores, length, extras, budget, n_sink, n_recent, reset_scores, return_indices):
@@ -77,7 +80,7 @@ if not _NATIVE:
         )
         return idx if return_indices else idx.new_empty(0)
 
-    _fallback_lib.impl("compact_", _compact_fallback, "CompositeExplicitAutograd")
+    _LIB.impl("compact_", _compact_fallback, "CompositeExplicitAutograd")
 
 
 @torch.library.register_fake("inf_mllm::compact_")
