@@ -19,6 +19,7 @@ is the policy's own per-layer state (what ``Policy.new_state`` returned).
 """
 from __future__ import annotations
 
+import copy
 from typing import Any, List, Optional, Sequence
 
 import torch
@@ -77,6 +78,17 @@ class KVBuffers:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    def clone(self, owner: Any = None) -> "KVBuffers":
+        """An independent copy (tensors, counters, policy state) owned by ``owner``."""
+        new = copy.copy(self)
+        new.owner = owner
+        for name in ("k", "v", "scores", "modality", "position", "length", "fed"):
+            setattr(new, name, getattr(self, name).clone())
+        setattr(new.k, OWNER_ATTR, owner)
+        new.lengths = list(self.lengths)
+        new.state = copy.deepcopy(self.state)
+        return new
 
     # ---- writes ------------------------------------------------------------------------
     def append(self, kn: torch.Tensor, vn: torch.Tensor, modality: int, rows: Optional[slice] = None) -> None:

@@ -23,6 +23,7 @@ Flow of one forward through layer ``l`` (HF calls ``update`` then the attention 
 from __future__ import annotations
 
 import contextlib
+import copy
 import weakref
 from typing import List, Optional, Union
 
@@ -275,6 +276,23 @@ class StreamingCache(Cache):
             "evictions": evictions,
             "cache_bytes": nbytes,
         }
+
+    def clone(self) -> "StreamingCache":
+        """An independent copy of the cache (buffers, counters, policy state), e.g. to ask several
+        questions after one long stream without streaming it again."""
+        new = copy.copy(self)
+        new.layers = []
+        for layer in self.layers:
+            twin = copy.copy(layer)
+            twin._cache = weakref.ref(new)
+            twin.pending = None
+            if layer.buf is not None:
+                twin.buf = layer.buf.clone(owner=twin)
+                twin.keys, twin.values = twin.buf.k, twin.buf.v
+            new.layers.append(twin)
+        new.rope = copy.copy(self.rope)
+        new.rope.forget()
+        return new
 
     def reset(self):
         """Forget every token, counter and buffer: the cache is as new (any batch size next)."""

@@ -169,6 +169,19 @@ def test_one_long_forward_equals_stream(model, policy):
     assert c1.lengths() == c2.lengths() and c1.stats()["evictions"] == c2.stats()["evictions"]
 
 
+@pytest.mark.parametrize("policy", ["inf_mllm", "snapkv", "full"])
+def test_clone_is_independent_and_equal(model, policy):
+    ids = torch.randint(0, 128, (1, 160), generator=torch.Generator().manual_seed(2))
+    cache = inf_mllm.enable(model, policy, **policy_kwargs(policy, budget=48, chunk=16))
+    inf_mllm.stream(model, ids[:, :120], cache=cache)
+    twin = cache.clone()
+    a = inf_mllm.stream(model, ids[:, 120:], cache=twin)  # the copy goes on ...
+    assert cache.get_seq_length() == 120 and twin.get_seq_length() == 160  # ... the original stays
+    b = inf_mllm.stream(model, ids[:, 120:], cache=cache)  # and then gives the same result
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert cache.lengths() == twin.lengths() and cache.stats() == twin.stats()
+
+
 def test_stats_and_modality(model):
     cache = inf_mllm.enable(model, "inf_mllm", **policy_kwargs("inf_mllm", budget=32, chunk=8))
     inf_mllm.stream(model, torch.randint(0, 128, (1, 20)), cache=cache)
