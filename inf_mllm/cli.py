@@ -155,9 +155,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kind", default="both", choices=["passkey", "fact", "both"], help="needle kind (default both)")
     p.add_argument("--needles", type=int, default=1, help="needles per case, each asked separately (default 1)")
     p.add_argument("--seeds", default="report", help="tune, report (default) or a list: two disjoint fixed seed sets")
-    p.add_argument("--max-new-tokens", type=int, default=8, help="greedy tokens at most per answer (default 8)")
+    p.add_argument("--max-new-tokens", type=int, default=16,
+                   help="greedy tokens at most per answer (default 16: room to restate the question; decoding stops once the answer is decided)")
+    p.add_argument("--doc-start", default="auto",
+                   help="tokens each stream starts with: auto (the tokenizer's own, e.g. a BOS), none, or a text such as '<|endoftext|>'")
     p.add_argument("--sweep", default=None, metavar="KEY=V1,V2,...")
     p.add_argument("--no-share", action="store_true", help="stream every case from scratch (no shared prose prefix)")
+    p.add_argument("--estimate-only", action="store_true", help="print the plan and a time estimate (short calibration), then stop")
     p.add_argument("--preset", default=None, choices=["passkey-prose"],
                    help="passkey-prose: issue 10's pass key in ~600 tokens of prose, budgets 256,128 (given options win)")
     p.set_defaults(func=cmd_eval_needle)
@@ -505,7 +509,10 @@ def cmd_eval_needle(args) -> int:
                      lengths=parse_int_list(args.lengths), depths=parse_depths(args.depths), seeds=seeds, seed_set=seed_set,
                      kinds=["passkey", "fact"] if args.kind == "both" else [args.kind], needles=args.needles,
                      chunk=args.chunk, sweep=parse_sweep(args.sweep), max_new_tokens=args.max_new_tokens,
-                     full_past_context=args.full_past_context, share=not args.no_share)
+                     doc_start=args.doc_start, full_past_context=args.full_past_context, share=not args.no_share,
+                     estimate_only=args.estimate_only)
+    if args.estimate_only:
+        return 0
     res["plots"] = [os.path.basename(p) for p in plot_heatmaps(res, lambda stem: _out_path(args, dev, stem, "png"), bundle.name)]
     res["text"] = {"source": args.text or args.corpus}
     rows = res["rows"]

@@ -56,31 +56,41 @@ def one_thread():
     (" 71432", "71432", True),
     (" 71,432.", "71432", True),
     ("\n71432", "71432", True),
+    (" the pass key is 71432. Remember", "71432", True),  # restating the question is fine
     (" 71433.", "71432", False),
     (" 714321.", "71432", False),
     (" 7143", "71432", False),
     (" 12345 or 71432", "71432", False),  # the first number counts
-    (" unknown, but 71432", "71432", False),
+    (" unknown. The pass key is 71432", "71432", False),  # only the first sentence
+    (" a small key\n71432", "71432", False),
     ("", "71432", False),
     (" cardamom. The cake", "cardamom", True),
     (" Cardamom!", "cardamom", True),
     (" the bassoon.", "bassoon", True),
     (' "Pistachio", said', "Pistachio", True),
+    (" the secret ingredient of the cake is cardamom", "cardamom", True),
     (" cinnamon.", "cardamom", False),
     (" cardamoms.", "cardamom", False),
-    (" not cardamom", "cardamom", False),
+    (" cinnamon. Or cardamom", "cardamom", False),
 ])
 def test_match_answer(generated, answer, ok):
     assert needle.match_answer(generated, answer) is ok
 
 
-def test_first_unit_completion():
-    assert needle.first_unit(" 714") == ("714", False)  # more digits may follow
-    assert needle.first_unit(" 71432.") == ("71432", True)
-    assert needle.first_unit(" 71,") == ("71", False)  # 71,432 is still possible
-    assert needle.first_unit(" card") == ("card", False)
-    assert needle.first_unit(" cardamom ") == ("cardamom", True)
-    assert needle.first_unit("...") == (None, False)
+def test_judge_decides_only_when_more_text_cannot_change_it():
+    j = lambda g, a: needle.judge(g, a, final=False)  # noqa: E731
+    assert j(" 714", "71432") == (False, False)  # more digits may follow
+    assert j(" 71,", "71432") == (False, False)  # 71,432 is still possible
+    assert j(" 71432", "71432") == (False, False)
+    assert j(" 71432.", "71432") == (True, True)
+    assert j(" 71433 ", "71432") == (False, True)
+    assert j(" the pass key", "71432") == (False, False)  # a restatement may go on to the key
+    assert j(" the pass key.", "71432") == (False, True)
+    assert j(" card", "cardamom") == (False, False)
+    assert j(" cardamom ", "cardamom") == (True, True)
+    assert j(" cinnamon and", "cardamom") == (False, False)
+    assert j(" cinnamon.", "cardamom") == (False, True)
+    assert needle.judge(" 71432", "71432") == (True, True)  # final: the text ends here
 
 
 def test_facts_are_distinct_single_words():
@@ -148,10 +158,11 @@ def test_cases_place_needles_in_prose():
         assert c["ids"][:f] == c["prose"][:f]
         # needles sit at sentence boundaries
         for p in c["positions"]:
-            assert p == 0 or tok.decode(c["ids"][:p]).rstrip().endswith((".", "!", "?"))
+            assert p == 1 or tok.decode(c["ids"][:p]).rstrip().endswith((".", "!", "?"))
         assert c["depths"] == sorted(c["depths"])
     # depth 0: first; depth 1: both needles at the end of the prose
-    assert by[("passkey", 700, 0.0)]["positions"][0] == 0
+    assert tok.decode(by[("passkey", 700, 0.0)]["ids"]).startswith(by[("passkey", 700, 0.0)]["needles"][0]["needle"])
+    assert all(c["ids"][0] == tok.bos_token_id for c in cases)  # doc_start "auto": the tokenizer's BOS, before any needle
     end = by[("passkey", 1200, 1.0)]
     assert tok.decode(end["ids"]).endswith(end["needles"][1]["needle"])
     # longer lengths extend the same prose; the kinds share it too
@@ -173,7 +184,7 @@ def test_preset_fills_only_missing_options():
     assert args.lengths == "640" and args.chunk == 64 and args.n_recent == 32 and args.kind == "passkey"
     assert args.tag == "passkey_prose"
     n_cases = len(needle.parse_depths(args.depths)) * args.needles_per_cell
-    assert n_cases == 12
+    assert n_cases == 12 and min(needle.parse_depths(args.depths)) > 0
 
 
 # ------------------------------------------------------------------------------------------
@@ -278,3 +289,13 @@ def test_eval_needle_cli_real_answers_are_scored(tmp_path, text_file, one_thread
     for c in d["cases"]:
         assert c["correct"] == needle.match_answer(c["generated"], c["answer"])
     assert d["rows"][0]["n"] == 2 and "vs_full" not in d["rows"][0]
+
+
+def test_eval_needle_estimate_only(tmp_path, text_file, one_thread, capsys):
+    out = tmp_path / "out"
+    rc = cli.main(["eval", "needle", "--model", "tiny-random", "--text", text_file, "--policies", "full,inf_mllm",
+                   "--budgets", "96", "--n-recent", "8", "--chunk", "16", "--lengths", "500", "--depths", "3",
+                   "--threads", "1", "--no-progress", "--out", str(out), "--estimate-only"])
+    assert rc == 0 and not (out / "eval_needle.json").exists()
+    err = capsys.readouterr().err
+    assert "rough estimate" in err and "inf_mllm budget 96: ~" in err

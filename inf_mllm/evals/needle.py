@@ -20,6 +20,10 @@ Construction, per seed (the same for every policy, kind, length and depth):
 * the needles: a 5-digit pass key (``The pass key is 71432. Remember it. 71432 is the pass
   key.`` / ``What is the pass key? The pass key is``; labelled keys ``the pass key of the
   blue door`` when K > 1) or facts from :data:`FACTS` (distinct, chosen per seed).
+* the stream starts with the tokenizer's own start tokens (``doc_start="auto"``; none for
+  SmolLM2); ``--doc-start "<|endoftext|>"`` gives SmolLM2 its pretraining document separator
+  (in a check on 3 tune seeds, full-cache SmolLM2 recalled 0/3 pass keys placed as the very
+  first sentence without it, 2/3 with it).
 * depth ``d``: the needle goes to the sentence boundary nearest ``d`` x the haystack's
   tokens (0: before the first sentence, 1: after the last); with K needles, needle ``j``
   goes to depth ``d + j (1 - d) / K``.
@@ -30,9 +34,11 @@ case continues from a copy of the trunk's cache taken at the last chunk boundary
 needle; chunk boundaries are those of a stream from scratch. ``full`` does not depend on the
 budget and runs once. ``share=False`` streams every case from scratch instead.
 
-Matching (:func:`match_answer`): the first number (pass keys; commas dropped) or the first
-word (facts; a leading ``the``/``a``/``an`` skipped) of the generated text must equal the
-answer, case-insensitively. Generation stops as soon as that first unit is complete.
+Matching (:func:`judge`): the generated text up to its first sentence end must hold the
+answer -- for a pass key its first number (so a list of numbers counts as its first), for a
+fact the word (whole word, any case); a restatement (`` the pass key is 71432.``) counts. Decoding stops as
+soon as more tokens cannot change the verdict (at most ``max_new_tokens``, default 16: room
+to restate the question).
 
 Seeds: two disjoint fixed sets, ``tune`` (1000, 1001, ...) for choosing defaults and
 ``report`` (2000, 2001, ...) for the reported numbers; the JSON says which was used.
@@ -40,7 +46,6 @@ Seeds: two disjoint fixed sets, ``tune`` (1000, 1001, ...) for choosing defaults
 from __future__ import annotations
 
 import copy
-import math
 import random
 import re
 import sys
@@ -57,7 +62,8 @@ __all__ = [
     "PRESETS",
     "SEED_SETS",
     "match_answer",
-    "first_unit",
+    "judge",
+    "first_sentence",
     "resolve_seeds",
     "parse_depths",
     "make_needles",
@@ -122,14 +128,16 @@ KINDS = ("passkey", "fact")
 SEED_SETS = {"tune": 1000, "report": 2000}  # seed set -> first seed (seeds base, base+1, ...)
 MAX_SEEDS_PER_SET = 1000
 
-MATCH_RULE = ("correct iff the first number (pass keys; commas dropped) or the first word (facts; a leading "
-              "the/a/an skipped) of the generated text equals the answer, case-insensitively")
+MATCH_RULE = ("the generated text up to its first sentence end (. ! ? or line break) must hold the answer: for a "
+              "pass key its first number equals the key (commas dropped), for a fact the answer occurs as a whole word "
+              "(case-insensitive); restating the question first ('the pass key is 71432') counts")
 
 # --preset NAME: options filled in when not given on the command line
 PRESETS: Dict[str, Dict[str, Any]] = {
     # issue 10: pass key in ~600 tokens of prose, streamed in chunks of 64, then the question;
-    # budgets 256 and 128 with n_recent 32; 6 depths x 2 seeds = 12 cases per policy and budget
-    "passkey-prose": dict(lengths="640", depths="6", needles_per_cell=2, kind="passkey", needles=1,
+    # budgets 256 and 128 with n_recent 32; 6 depths (10%..90%: a distant fact, not the
+    # document's first or last sentence) x 2 seeds = 12 cases per policy and budget
+    "passkey-prose": dict(lengths="640", depths="10,26,42,58,74,90", needles_per_cell=2, kind="passkey", needles=1,
                           budgets="256,128", n_recent=32, chunk=64,
                           policies="full,streaming_llm,h2o,snapkv,look_m,inf_mllm", tag="passkey_prose"),
 }
@@ -139,41 +147,40 @@ PRESETS: Dict[str, Dict[str, Any]] = {
 # Answers
 # --------------------------------------------------------------------------------------
 
-_UNIT = re.compile(r"[\s\"'\u201c\u2018(\[*:]*(?:(?:the|a|an)\s+)?[\"'\u201c\u2018(]*"
-                   r"(\d[\d,]*\d|\d|[^\W\d_][\w'\u2019-]*)", re.I)
-_UNIT_CHARS = re.compile(r"[\w,'\u2019-]")
+_SENT_STOP = re.compile(r"[.!?\n]")
+_NUMBER = re.compile(r"\d[\d,]*\d|\d")
 
 
-def first_unit(text: str) -> Tuple[Optional[str], bool]:
-    """The first answer unit of ``text`` (a number or a word) and whether it is complete
-    (something that cannot continue it follows)."""
-    m = _UNIT.match(text)
-    if not m:
-        return None, False
-    unit = m.group(1)
-    rest = text[m.end(1):]
-    complete = bool(rest) and not _UNIT_CHARS.match(rest)
-    return unit, complete
+def first_sentence(text: str) -> Tuple[str, bool]:
+    """``text`` (leading whitespace dropped) up to its first ``. ! ?`` or line break, and
+    whether that end was reached."""
+    t = text.lstrip()
+    m = _SENT_STOP.search(t)
+    return (t[: m.start()], True) if m else (t, False)
 
 
-def _norm(unit: str) -> str:
-    u = unit.casefold().rstrip(",'\u2019-")
-    if u[:1].isdigit():
-        u = u.replace(",", "")
-    return u
+def judge(generated: str, answer: str, final: bool = True) -> Tuple[bool, bool]:
+    """``(correct, decided)`` for ``generated`` (see :data:`MATCH_RULE`). ``final=False``: the
+    text may go on, so an unfinished number or word at its end is not an answer yet;
+    ``decided``: more tokens cannot change the verdict (decoding may stop)."""
+    span, closed = first_sentence(generated)
+    closed = closed or final
+    answer = str(answer).strip()
+    if answer.isdigit():
+        for m in _NUMBER.finditer(span):
+            complete = closed or re.match(r"[^\d,]|,\D", span[m.end():]) is not None
+            ok = m.group(0).replace(",", "") == answer
+            return (ok and complete), (complete or closed)
+        return False, closed
+    m = re.search(r"(?<![\w'\u2019-])" + re.escape(answer) + r"(?![\w'\u2019-])", span, re.I)
+    if m and (closed or m.end() < len(span)):
+        return True, True
+    return False, closed
 
 
 def match_answer(generated: str, answer: str) -> bool:
     """Whether ``generated`` answers ``answer`` (see :data:`MATCH_RULE`)."""
-    unit, _ = first_unit(generated)
-    return unit is not None and _norm(unit) == _norm(str(answer))
-
-
-def _answer_done(generated: str) -> bool:
-    """Stop decoding: the first unit is complete (its correctness is decided), or the text
-    has clearly gone elsewhere (no unit within the first 40 characters)."""
-    unit, complete = first_unit(generated)
-    return complete or (unit is None and len(generated) > 40) or "\n" in generated.lstrip()
+    return judge(generated, answer)[0]
 
 
 # --------------------------------------------------------------------------------------
@@ -350,10 +357,26 @@ def build_case(pieces: List[List[int]], needle_ids: Sequence[List[int]], first_n
     return {"ids": ids, "prose": prose, "positions": positions, "depths": depths, "haystack": H}
 
 
+def doc_start_ids(tokenizer, spec: Optional[str]) -> List[int]:
+    """Tokens every stream starts with: ``auto``: those the tokenizer puts before a text by
+    itself (a BOS for Llama-style tokenizers; none for SmolLM2 or Qwen2.5); ``none``: nothing;
+    any other string: its tokens (e.g. ``<|endoftext|>``, SmolLM2's document separator)."""
+    if spec in (None, "", "none"):
+        return []
+    if spec == "auto":
+        try:
+            return [int(t) for t in tokenizer.encode("", add_special_tokens=True)]
+        except Exception:  # noqa: BLE001
+            return []
+    return _encode(tokenizer, spec)
+
+
 def plan_cases(tokenizer, text: str, *, lengths: Sequence[int], depths: Sequence[float], seeds: Sequence[int],
-               kinds: Sequence[str], needles: int, max_new_tokens: int) -> List[Dict[str, Any]]:
-    """Every case of the grid (policy-independent), grouped by seed in order."""
+               kinds: Sequence[str], needles: int, max_new_tokens: int, doc_start: Optional[str] = "auto") -> List[Dict[str, Any]]:
+    """Every case of the grid (policy-independent), grouped by seed in order. Each stream
+    starts with :func:`doc_start_ids` (before any needle, even at depth 0)."""
     cases = []
+    pre = doc_start_ids(tokenizer, doc_start)
     for seed in seeds:
         per_kind = {k: make_needles(k, seed, needles) for k in KINDS}
         enc = {}
@@ -364,7 +387,7 @@ def plan_cases(tokenizer, text: str, *, lengths: Sequence[int], depths: Sequence
             qs = [_encode(tokenizer, "\n\n" + n["question"]) for n in nds]
             enc[k] = (mid, first, qs)
             reserve = max(reserve, max(max(len(a), len(b)) for a, b in zip(mid, first)) * len(nds)
-                          + max(len(q) for q in qs) + max_new_tokens)
+                          + max(len(q) for q in qs) + max_new_tokens + len(pre))
         if min(lengths) <= reserve + 16:
             raise ValueError(f"eval needle: length {min(lengths)} leaves no room for prose (needles, question and "
                              f"answer take {reserve} tokens)")
@@ -374,6 +397,8 @@ def plan_cases(tokenizer, text: str, *, lengths: Sequence[int], depths: Sequence
             for L in lengths:
                 for d in depths:
                     c = build_case(pieces, mid, first, L - reserve, d)
+                    c["ids"], c["prose"] = pre + c["ids"], pre + c["prose"]
+                    c["positions"] = [p + len(pre) for p in c["positions"]]
                     c.update(seed=seed, kind=kind, length=L, depth=d, needles=per_kind[kind], question_ids=qs)
                     cases.append(c)
     return cases
@@ -441,47 +466,48 @@ class _Cost:
         return n * self.a_fixed + self.b * ctx
 
 
+def _best_time(fn, repeats: int = 3) -> float:
+    """Fastest of ``repeats`` runs (the machine is shared: the minimum is the least disturbed)."""
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
 @torch.inference_mode()
 def _calibrate(bundle: ModelBundle, ids: List[int], chunk: int, fixed: Optional[Tuple[str, Dict[str, Any]]]) -> _Cost:
-    n = min(len(ids), 16 * chunk, 1024)
+    """Time one chunk on copies of a ``full`` cache holding one chunk and ~1K tokens (the
+    slope per cached token), one decode step, and one chunk of a fixed-size policy at its
+    capacity (eviction included); each the best of 3."""
+    far = max(2 * chunk, min(1024, len(ids) - chunk) // chunk * chunk)
     runner = PolicyRunner(bundle, "full", {}, chunk=chunk)
     cache = runner.new_cache()
-    pts = []
-    runner.feed(cache, torch.tensor([ids[:chunk]]))  # warm-up
-    cache = runner.new_cache()
-    for s in range(0, n, chunk):
-        piece = ids[s: s + chunk]
-        t0 = time.perf_counter()
-        runner.feed(cache, torch.tensor([piece]))
-        pts.append((s + len(piece) / 2.0, (time.perf_counter() - t0) / len(piece)))
-    t0 = time.perf_counter()
-    logits = runner.decode(cache, ids[0])
-    runner.decode(cache, int(torch.argmax(logits)))
-    dec = (time.perf_counter() - t0) / 2
-    del cache
-    pts = pts[1:] if len(pts) > 2 else pts
-    if len(pts) >= 2:
-        mx = sum(x for x, _ in pts) / len(pts)
-        my = sum(y for _, y in pts) / len(pts)
-        var = sum((x - mx) ** 2 for x, _ in pts)
-        b = max(0.0, sum((x - mx) * (y - my) for x, y in pts) / var) if var > 0 else 0.0
-        a = max(1e-7, my - b * mx)
-    else:
-        a, b = pts[0][1], 0.0
+    nxt = torch.tensor([ids[far: far + chunk]])
+
+    def chunk_time(c, r=runner, piece=nxt):
+        return _best_time(lambda: r.feed(clone_cache(r, c), piece)) - _best_time(lambda: clone_cache(r, c))
+
+    runner.feed(cache, torch.tensor([ids[:chunk]]))
+    t_lo = chunk_time(cache)
+    runner.feed(cache, torch.tensor([ids[chunk:far]]))
+    t_hi = chunk_time(cache)
+    dec = _best_time(lambda: runner.decode(clone_cache(runner, cache), ids[0])) - _best_time(lambda: clone_cache(runner, cache))
+    b = max(0.0, (t_hi - t_lo) / (chunk * (far - chunk)))
+    a = max(1e-7, t_lo / chunk - b * 1.5 * chunk)
     a_fixed = None
-    if fixed is not None:  # one fixed-size policy at its capacity: eviction overhead included
+    if fixed is not None:
         pol, args = fixed
         r = PolicyRunner(bundle, pol, args, chunk=chunk)
         c = r.new_cache()
         cap = c.capacity
-        m = min(len(ids), cap + 4 * chunk)
-        r.feed(c, torch.tensor([ids[: m - 2 * chunk]]))
-        t0 = time.perf_counter()
-        r.feed(c, torch.tensor([ids[m - 2 * chunk: m]]))
-        per = (time.perf_counter() - t0) / (2 * chunk)
-        a_fixed = max(1e-7, per - b * min(m, cap))
+        m = max(chunk, min(len(ids) - chunk, cap + 2 * chunk) // chunk * chunk)
+        r.feed(c, torch.tensor([ids[:m]]))
+        t = chunk_time(c, r, torch.tensor([ids[m: m + chunk]]))
+        a_fixed = max(1e-7, t / chunk - b * cap)
         del c
-    return _Cost(a, b, dec, a_fixed)
+    return _Cost(a, b, max(dec, 0.0), a_fixed)
 
 
 # --------------------------------------------------------------------------------------
@@ -491,8 +517,8 @@ def _calibrate(bundle: ModelBundle, ids: List[int], chunk: int, fixed: Optional[
 
 def _ask(runner: PolicyRunner, cache, tokenizer, question_ids: List[int], max_new_tokens: int,
          stop_ids: Sequence[int], needle: Dict[str, str]) -> Tuple[str, int]:
-    """Feed the question, decode greedily until the answer's first unit is complete.
-    Returns ``(generated text, decode steps)``. (``needle`` is for tests that stand in for the model.)"""
+    """Feed the question, decode greedily until the verdict is decided (:func:`judge`) or
+    ``max_new_tokens``. Returns ``(generated text, decode steps)``."""
     _, logits = runner.feed(cache, torch.tensor([question_ids]))
     out: List[int] = []
     steps = 0
@@ -501,7 +527,7 @@ def _ask(runner: PolicyRunner, cache, tokenizer, question_ids: List[int], max_ne
         if t in stop_ids:
             break
         out.append(t)
-        if _answer_done(tokenizer.decode(out, skip_special_tokens=True)) or i == max_new_tokens - 1:
+        if judge(tokenizer.decode(out, skip_special_tokens=True), needle["answer"], final=False)[1] or i == max_new_tokens - 1:
             break
         logits = runner.decode(cache, t)
         steps += 1
@@ -552,18 +578,22 @@ def run_needle(
     needles: int = 1,
     chunk: int = 64,
     sweep=None,
-    max_new_tokens: int = 8,
+    max_new_tokens: int = 16,
+    doc_start: Optional[str] = "auto",
     full_past_context: bool = False,
     share: bool = True,
     estimate: bool = True,
+    estimate_only: bool = False,
     log=None,
 ) -> Dict[str, Any]:
+    """Run the grid (module docstring); with ``estimate_only`` stop after printing the plan and
+    the time estimate and return ``{"estimate": {...}}``."""
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     tok = bundle.tokenizer
     lengths = sorted(set(int(x) for x in lengths))
     depths = sorted(set(float(d) for d in depths))
     cases = plan_cases(tok, text, lengths=lengths, depths=depths, seeds=seeds, kinds=kinds, needles=needles,
-                       max_new_tokens=max_new_tokens)
+                       max_new_tokens=max_new_tokens, doc_start=doc_start)
     runs = _runs(policies, policy_args, budgets, sweep)
     max_ctx = bundle.max_context
     stop_ids = [i for i in (getattr(tok, "eos_token_id", None),) if i is not None]
@@ -607,10 +637,11 @@ def run_needle(
     cost = None
     est_runs: List[float] = []
     timing: Dict[str, Any] = {}
-    if estimate and cases:
+    calib_ids = max((c["prose"] for c in cases), key=len) if cases else []
+    if estimate and len(calib_ids) >= 4 * chunk:
         fixed = next(((pol, args) for _, pol, args, _ in runs if pol != "full"), None)
         t0 = time.perf_counter()
-        cost = _calibrate(bundle, cases[0]["prose"], chunk, fixed)
+        cost = _calibrate(bundle, calib_ids, chunk, fixed)
         est_runs = [plan_cost(cost, pol, args)[0] for _, pol, args, _ in runs]
         timing = {"calibration_s": time.perf_counter() - t0, "ms_per_token": 1e3 * cost.a,
                   "ms_per_token_fixed": 1e3 * cost.a_fixed, "ms_per_token_per_1K_cached": 1e6 * cost.b,
@@ -618,6 +649,12 @@ def run_needle(
         log(f"eval needle: rough estimate {sum(est_runs) / 60:.1f} min ({1e3 * cost.a:.2f} ms/token streamed + "
             f"{1e6 * cost.b:.2f} ms per 1K cached tokens; fixed-size policies {1e3 * cost.a_fixed:.2f} ms/token; "
             f"decode {1e3 * cost.dec:.0f} ms/step; calibrated in {timing['calibration_s']:.1f} s)")
+
+    if estimate_only:
+        for (label, _, _, budget), e in zip(runs, est_runs):
+            log(f"  {label}" + (f" budget {budget}" if budget else "") + f": ~{e / 60:.1f} min")
+        return {"estimate": dict(timing, runs=len(runs), cases=len(cases), questions=n_questions, tokens=streamed,
+                                 per_run_s={r[0] + (f" budget {r[3]}" if r[3] else ""): e for r, e in zip(runs, est_runs)})}
 
     # --- runs -----------------------------------------------------------------------------
     records: List[Dict[str, Any]] = []
@@ -713,6 +750,13 @@ def run_needle(
         row["args"] = runner.effective_args or runner.policy_args
         rows.append(row)
         free_memory(bundle.device)
+        eta = ""
+        if cost is not None and est_done > 0 and ri < len(runs) - 1:
+            el = time.perf_counter() - t_start
+            eta = f"; ETA ~{(sum(est_runs) - est_done) * el / est_done / 60:.1f} min"
+        acc = "-" if row["acc"] is None else f"{row['acc']:.3f}"
+        bar.write(f"eval needle: run {ri + 1}/{len(runs)} {label}" + (f" budget {budget}" if budget else "")
+                  + f": accuracy {acc} over {row['n']} questions in {secs / 60:.1f} min{eta}", file=sys.stderr)
     bar.close()
     _rel_full(rows, records)
     wall = time.perf_counter() - t_start
@@ -732,6 +776,7 @@ def run_needle(
     return {"rows": rows, "cases": records, "heatmaps": heat, "lengths": lengths, "depths": depths,
             "seed_set": seed_set, "seeds": list(seeds), "kinds": list(kinds), "needles": needles, "chunk": chunk,
             "budgets": sorted({r[3] for r in runs if r[3]}), "max_new_tokens": max_new_tokens, "match": MATCH_RULE,
+            "doc_start": {"spec": doc_start, "ids": doc_start_ids(tok, doc_start)},
             "shared_prefix": share, "timing": timing, "example": example, "notes": notes}
 
 
