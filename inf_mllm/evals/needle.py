@@ -831,7 +831,7 @@ def plot_heatmaps(res: Dict[str, Any], path_for: Callable[[str], str], model_nam
     for key, h in res["heatmaps"].items():
         acc = np.array([[np.nan if v is None else v for v in row] for row in h["acc"]], dtype=float)
         row = next((r for r in res["rows"] if r["policy"] == h["policy"] and r["budget"] == h["budget"]), {})
-        fig, ax = plt.subplots(figsize=(1.6 + 0.9 * len(lengths), 1.4 + 0.38 * len(depths)), dpi=110)
+        fig, ax = plt.subplots(figsize=(max(4.8, 1.8 + 0.9 * len(lengths)), max(3.0, 1.5 + 0.38 * len(depths))), dpi=110)
         cmap = matplotlib.colormaps["RdYlGn"].with_extremes(bad="#cccccc")
         im = ax.imshow(np.ma.masked_invalid(acc), cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto", origin="upper")
         for i in range(len(depths)):
