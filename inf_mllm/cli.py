@@ -6,6 +6,7 @@
     inf-mllm eval ppl         streaming perplexity on long real text (Austen, KJV, --text)
     inf-mllm eval retrieval   LongEval-style line retrieval, accuracy vs distance
     inf-mllm eval rounds      multi-round streaming QA, accuracy per round bucket
+    inf-mllm eval needle      needle in a haystack of prose: accuracy per length x depth, heatmaps
     inf-mllm report           collect the result JSONs into docs/results_tables.md
 
 Every command prints a table and writes ``<stem>.json`` (+ PNG plots) under ``--out``
@@ -139,6 +140,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sweep", default=None, metavar="KEY=V1,V2,...")
     p.set_defaults(func=cmd_eval_rounds)
+
+    p = ev.add_parser("needle", help="needle in a haystack of real prose: length x depth heatmaps per policy and budget")
+    _add_common(p)
+    _add_model(p)
+    _add_policy(p, policies="full,streaming_llm,h2o,snapkv,look_m,inf_mllm")
+    _add_text(p)
+    # window, bias, n_sink: each policy's own defaults unless given; n_recent 32 as in issue 10
+    p.set_defaults(chunk=64, n_recent=32, window=None, bias=None, n_sink=None, budget=None)
+    p.add_argument("--budgets", default=None, help="budgets swept by every fixed-size policy (default 256,512,1024; full runs once)")
+    p.add_argument("--lengths", default="1K,2K,4K,8K", help="context lengths in tokens, answer included (default 1K,2K,4K,8K)")
+    p.add_argument("--depths", default="11", help="number of depths from 0%% to 100%% (default 11), or percents like 0,50,100")
+    p.add_argument("--needles-per-cell", type=int, default=3, help="seeded cases per length x depth cell and kind (default 3)")
+    p.add_argument("--kind", default="both", choices=["passkey", "fact", "both"], help="needle kind (default both)")
+    p.add_argument("--needles", type=int, default=1, help="needles per case, each asked separately (default 1)")
+    p.add_argument("--seeds", default="report", help="tune, report (default) or a list: two disjoint fixed seed sets")
+    p.add_argument("--max-new-tokens", type=int, default=16,
+                   help="greedy tokens at most per answer (default 16: room to restate the question; decoding stops once the answer is decided)")
+    p.add_argument("--doc-start", default="auto",
+                   help="tokens each stream starts with: auto (the tokenizer's own, e.g. a BOS), none, or a text such as '<|endoftext|>'")
+    p.add_argument("--sweep", default=None, metavar="KEY=V1,V2,...")
+    p.add_argument("--no-share", action="store_true", help="stream every case from scratch (no shared prose prefix)")
+    p.add_argument("--estimate-only", action="store_true", help="print the plan and a time estimate (short calibration), then stop")
+    p.add_argument("--preset", default=None, choices=["passkey-prose"],
+                   help="passkey-prose: issue 10's pass key in ~600 tokens of prose, budgets 256,128 (given options win)")
+    p.set_defaults(func=cmd_eval_needle)
 
     p = sub.add_parser("report", help="collect result JSONs into a Markdown page (docs/results_tables.md)")
     p.add_argument("--results", default=os.path.join("bench", "results"), help="results root (default bench/results)")
@@ -465,6 +491,35 @@ def cmd_eval_rounds(args) -> int:
     cols = [c for c in cols if c != "status"] + ["status"]
     _finish(args, dev, "eval_rounds", res, model=bundle.info, policy=dict(pol_args, sweep=args.sweep), columns=cols,
             title=f"eval rounds: {bundle.name}, {args.rounds} rounds of ~{args.passage_tokens} tokens")
+    return 0
+
+
+def cmd_eval_needle(args) -> int:
+    from .evals.common import parse_int_list, parse_sweep
+    from .evals.needle import apply_preset, parse_depths, plot_heatmaps, resolve_seeds, run_needle
+
+    apply_preset(args, args._argv)
+    dev = _setup(args)
+    seed_set, seeds = resolve_seeds(args.seeds, args.needles_per_cell)
+    budgets = parse_int_list(args.budgets) or ([args.budget] if args.budget else [256, 512, 1024])
+    text = _load_text(args)
+    bundle = _load(args, dev)
+    pol_args = _policy_args(args)
+    res = run_needle(bundle, text, policies=_policies(args), policy_args=pol_args, budgets=budgets,
+                     lengths=parse_int_list(args.lengths), depths=parse_depths(args.depths), seeds=seeds, seed_set=seed_set,
+                     kinds=["passkey", "fact"] if args.kind == "both" else [args.kind], needles=args.needles,
+                     chunk=args.chunk, sweep=parse_sweep(args.sweep), max_new_tokens=args.max_new_tokens,
+                     doc_start=args.doc_start, full_past_context=args.full_past_context, share=not args.no_share,
+                     estimate_only=args.estimate_only)
+    if args.estimate_only:
+        return 0
+    res["plots"] = [os.path.basename(p) for p in plot_heatmaps(res, lambda stem: _out_path(args, dev, stem, "png"), bundle.name)]
+    res["text"] = {"source": args.text or args.corpus}
+    rows = res["rows"]
+    cols = _cols(rows, ["policy", "budget", "acc", "vs_full"], skip=("args", "seconds", "status")) + ["seconds", "status"]
+    _finish(args, dev, "eval_needle", res, model=bundle.info, policy=dict(pol_args, budgets=budgets, sweep=args.sweep),
+            columns=cols, title=f"eval needle: {bundle.name}, {res['seed_set']} seeds, {len(res['seeds'])} per cell, "
+            f"kind {args.kind}, {args.needles} needle(s) per case, chunk {args.chunk}")
     return 0
 
 
