@@ -45,7 +45,6 @@ Seeds: two disjoint fixed sets, ``tune`` (1000, 1001, ...) for choosing defaults
 """
 from __future__ import annotations
 
-import copy
 import random
 import re
 import sys
@@ -409,36 +408,10 @@ def plan_cases(tokenizer, text: str, *, lengths: Sequence[int], depths: Sequence
 # --------------------------------------------------------------------------------------
 
 
-@torch.inference_mode()
 def clone_cache(runner: PolicyRunner, cache):
-    """An independent copy of ``cache`` (same policy, same contents and scores).
-
-    Uses ``cache.clone()`` when the cache has one; otherwise makes a fresh cache for the same
-    policy and deep-copies each layer's state into it (tensors cloned, aliases kept), then
-    registers the copied buffers the way the cache registers its own. Checked against
-    streaming from scratch in tests/test_needle.py for every policy.
-    """
-    fn = getattr(cache, "clone", None)
-    if callable(fn):
-        return fn()
-    from .. import cache as cache_mod
-
-    new = runner.new_cache()
-    memo: Dict[int, Any] = {}
-    for src, dst in zip(cache.layers, new.layers):
-        for k, v in vars(src).items():
-            if k == "_cache":  # the back-reference to the owning cache
-                continue
-            setattr(dst, k, copy.deepcopy(v, memo))
-        if getattr(dst, "is_initialized", False) and getattr(dst, "k", None) is not None:
-            cache_mod._OWNERS[id(dst.k)] = dst
-            if cache_mod.owner_of(dst.k) is not dst:
-                raise RuntimeError("eval needle: cannot copy a StreamingCache (its layer registry changed); use --no-share")
-    for k, v in vars(cache).items():
-        if k in ("layers", "policy", "config", "rotary", "_rope_memo"):
-            continue
-        setattr(new, k, copy.copy(v))
-    return new
+    """An independent copy of ``cache`` (``StreamingCache.clone``; checked against streaming from
+    scratch in tests/test_needle.py for every policy)."""
+    return cache.clone()
 
 
 # --------------------------------------------------------------------------------------
