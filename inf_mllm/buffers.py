@@ -33,6 +33,14 @@ __all__ = ["KVBuffers", "OWNER_ATTR"]
 OWNER_ATTR = "_inf_mllm_layer"
 
 
+def _static(*tensors) -> None:
+    """Tag buffers as fixed addresses, so a compiled decode step updates them in place and can be
+    captured in a CUDA graph (``torch.compile(mode="reduce-overhead")``)."""
+    if not torch.compiler.is_compiling():
+        for t in tensors:
+            torch._dynamo.mark_static_address(t)
+
+
 class KVBuffers:
     def __init__(self, batch: int, heads: int, capacity: int, head_dim: int, dtype: torch.dtype, device,
                  state: Any = None, owner: Any = None):
@@ -47,6 +55,7 @@ class KVBuffers:
         self.fed = torch.zeros(batch, dtype=torch.long, device=self.device)
         self.evictions = 0
         self.state = state
+        _static(self.length, self.fed)
 
     def _alloc(self, B, H, C, D):
         dev = self.device
@@ -56,6 +65,7 @@ class KVBuffers:
         self.modality = torch.zeros(B, H, C, dtype=torch.int8, device=dev)
         self.position = torch.full((B, H, C), -1, dtype=torch.int32, device=dev)
         setattr(self.k, OWNER_ATTR, self.owner)
+        _static(self.k, self.v, self.scores, self.modality, self.position)
 
     # ---- shape -------------------------------------------------------------------------
     @property
@@ -86,6 +96,7 @@ class KVBuffers:
         for name in ("k", "v", "scores", "modality", "position", "length", "fed"):
             setattr(new, name, getattr(self, name).clone())
         setattr(new.k, OWNER_ATTR, owner)
+        _static(new.k, new.v, new.scores, new.modality, new.position, new.length, new.fed)
         new.lengths = list(self.lengths)
         new.state = copy.deepcopy(self.state)
         return new
