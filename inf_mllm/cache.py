@@ -129,7 +129,7 @@ class StreamingLayer(CacheLayerMixin):
         real = _real_tokens(attention_mask, n, query.device)
         cos_t = sin_t = None
         if cache.policy.rolling:
-            cos, sin = cache.rope.at(position_ids, n, self.seen - n, query)
+            cos, sin = cache.rope.at(position_ids, n, self.seen - n, query, fresh=self.layer_idx == 0)
             query, kn = unrotate(query, cos, sin), unrotate(kn, cos, sin)
             cos_t, sin_t = cache.rope.slot_table(query.device)
         phase = "prefill" if n > 1 else "decode"

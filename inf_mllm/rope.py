@@ -28,7 +28,8 @@ def unrotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Ten
 
 
 class Rope:
-    """cos/sin from a model's rotary module, memoised per forward (shared by all layers)."""
+    """cos/sin from a model's rotary module: per forward (computed by its first layer, shared by
+    the others) and the table by slot."""
 
     def __init__(self, rotary: torch.nn.Module, capacity: int):
         self.rotary = rotary
@@ -36,22 +37,19 @@ class Rope:
         self._memo = None
         self._table: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
 
-    def at(self, position_ids: Optional[torch.Tensor], n: int, pos0: int, like: torch.Tensor):
+    def at(self, position_ids: Optional[torch.Tensor], n: int, pos0: int, like: torch.Tensor, fresh: bool):
         """cos/sin ``[B|1, n, D]`` the model used for the ``n`` new tokens of this forward
-        (``position_ids`` as the attention got them, or ``pos0 + arange(n)``)."""
-        # one forward = one (pos0, n); the position_ids object alone is not enough (a caller may
-        # update a static position buffer in place between forwards)
-        memo = self._memo
-        if memo is not None and memo[0] == (pos0, n) and memo[1] is position_ids:
-            return memo[2], memo[3]
-        if position_ids is None:
-            pid = (torch.arange(n, device=like.device) + pos0)[None]
-        else:
-            pid = position_ids if position_ids.dim() == 2 else position_ids[None]
-            pid = pid[..., -n:]
-        cos, sin = rotary_cos_sin(self.rotary, pid, like.dtype, like.device)
-        self._memo = ((pos0, n), position_ids, cos, sin)
-        return cos, sin
+        (``position_ids`` as the attention got them, or ``pos0 + arange(n)``). ``fresh``: compute
+        them (the first layer of a forward); the other layers of the forward reuse them, with no
+        comparison of Python values (which would make a compiled decode step recompile)."""
+        if fresh or self._memo is None:
+            if position_ids is None:
+                pid = (torch.arange(n, device=like.device) + pos0)[None]
+            else:
+                pid = position_ids if position_ids.dim() == 2 else position_ids[None]
+                pid = pid[..., -n:]
+            self._memo = rotary_cos_sin(self.rotary, pid, like.dtype, like.device)
+        return self._memo
 
     def slot_table(self, device) -> Tuple[torch.Tensor, torch.Tensor]:
         """cos/sin ``[C, D]`` (float32) for slots ``0..C-1``."""
