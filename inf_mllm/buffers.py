@@ -106,18 +106,30 @@ class KVBuffers:
         """Write ``m`` new tokens ``kn, vn [b, Hkv, m, D]`` at slots ``length..length+m-1`` of
         ``rows`` (default all), tag them, record their stream positions, advance the counters."""
         g = slice(None) if rows is None else rows
+        idx = range(self.batch)[g]
         length, fed = self.length[g], self.fed[g]
-        B, m = kn.shape[0], kn.shape[2]
-        ar = torch.arange(m, device=kn.device)
-        slots = length.long()[:, None] + ar  # [B, m]
-        bidx = torch.arange(B, device=kn.device)[:, None]
-        self.k[g][bidx, :, slots] = kn.permute(0, 2, 1, 3)
-        self.v[g][bidx, :, slots] = vn.permute(0, 2, 1, 3)
-        self.position[g][bidx, :, slots] = (fed[:, None] + ar).to(torch.int32)[:, :, None]
-        self.modality[g][bidx, :, slots] = modality
+        m = kn.shape[2]
+        pos = (fed[:, None] + torch.arange(m, device=kn.device)).to(torch.int32)[:, None, :]  # [b, 1, m]
+        # eager, the usual case (every row at the same slot): plain slices. Compiled: tensor indices
+        # only, so that no slot number becomes part of the graph (it would recompile every step)
+        starts = None if torch.compiler.is_compiling() else {self.lengths[b] for b in idx}
+        if starts is not None and len(starts) == 1:
+            L = starts.pop()
+            sl = slice(L, L + m)
+            self.k[g, :, sl] = kn
+            self.v[g, :, sl] = vn
+            self.position[g, :, sl] = pos
+            self.modality[g, :, sl] = modality
+        else:  # compiled, or ragged rows (after a padded prefill)
+            slots = length.long()[:, None] + torch.arange(m, device=kn.device)  # [b, m]
+            bidx = torch.arange(kn.shape[0], device=kn.device)[:, None]
+            self.k[g][bidx, :, slots] = kn.permute(0, 2, 1, 3)
+            self.v[g][bidx, :, slots] = vn.permute(0, 2, 1, 3)
+            self.position[g][bidx, :, slots] = pos.permute(0, 2, 1)
+            self.modality[g][bidx, :, slots] = modality
         fed += m
         length += m
-        for b in range(self.batch)[g]:
+        for b in idx:
             self.lengths[b] += m
 
     def grow(self, needed: int) -> None:
