@@ -178,7 +178,7 @@ class cmake_build_ext(build_ext):
         cmd = [cxx, "-O3", "-std=c++20", "-fPIC", "-shared", "-fopenmp", "-fvisibility=hidden",
                f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
         cmd += [f"-I{p}" for p in cpp_extension.include_paths()]
-        cmd += [os.path.join(ext.sourcedir, "csrc", f) for f in ("torch_bindings.cpp", "compact_cpu.cpp")]
+        cmd += [os.path.join(ext.sourcedir, "csrc", f) for f in ("torch_bindings.cpp", "compact_cpu.cpp", "rope_cpu.cpp")]
         cmd += [f"-L{torch_lib}", f"-Wl,-rpath,{torch_lib}", "-lc10", "-ltorch_cpu", "-ltorch", "-o", fullpath]
         print(" ".join(cmd))
         subprocess.check_call(cmd)

@@ -3,7 +3,8 @@
 * ``attention_with_scores`` -> ``torch.ops.inf_mllm.attention_with_scores``: Triton on CUDA,
   a vectorised PyTorch path on the CPU.
 * ``compact_`` -> ``torch.ops.inf_mllm.compact_``: the native C++ (CPU) / CUDA operator from
-  ``csrc/``, registered with ``TORCH_LIBRARY(inf_mllm, ...)``.
+  ``csrc/``, registered with ``TORCH_LIBRARY(inf_mllm, ...)``. The same library has
+  ``inf_mllm::rope`` (CPU), a one-pass key rotation used by the CPU attention path.
 
 The Python wrappers here check every argument and raise ``ValueError``/``TypeError`` with a
 message naming the problem; the raw ``torch.ops`` entry points trust their inputs.
@@ -85,6 +86,13 @@ def _compact_fake(k, v, scores, length, extras, budget, n_sink, n_recent, reset_
     if return_indices:
         return k.new_empty((k.shape[0], k.shape[1], budget), dtype=torch.long)
     return k.new_empty((0,), dtype=torch.long)
+
+
+if hasattr(torch.ops.inf_mllm, "rope"):  # CPU helper of the attention path (csrc/rope_cpu.cpp)
+
+    @torch.library.register_fake("inf_mllm::rope")
+    def _rope_fake(x, cos, sin):
+        return x.new_empty(x.shape, dtype=cos.dtype)
 
 
 # --------------------------------------------------------------------------------------
