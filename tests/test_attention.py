@@ -587,3 +587,23 @@ def test_op_cpu_without_native_rope(monkeypatch):
     case = _case(B=3, G=3, D=64, n=40, C=120, window=6, dtype=bf16, lens=[120, 40, 77], bias_mode="relative",
                  bias=2.0, decay=0.5).values[0]
     _compare(_op, case, poison="nan")
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(Hq=32, Hkv=7), "not a multiple"),
+    (dict(D=0), "D must be a positive int"),
+    (dict(D=63), "head dim must be even"),
+    (dict(Hkv=0), "Hkv must be a positive int"),
+    (dict(sizes=[]), "cache sizes"),
+    (dict(sizes=[-5]), "cache sizes"),
+    (dict(window=-1), "window"),
+    (dict(which=("attn",)), "unknown operator"),
+])
+def test_ops_bench_refuses_bad_shapes(kw, match):
+    """``inf-mllm bench ops`` arguments are checked before anything is allocated or timed (issue 13)."""
+    from inf_mllm.evals.ops_bench import run_ops_bench
+
+    args = dict(sizes=[64], device="cpu", dtype=torch.float32, B=1, Hq=4, Hkv=2, D=32, prefill_chunk=8, window=4)
+    args.update(kw)
+    with pytest.raises(ValueError, match=match):
+        run_ops_bench(**args)
