@@ -2,7 +2,11 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 #include <c10/util/ArrayRef.h>
+
+#include <string>
+#include <vector>
 
 namespace inf_mllm {
 
@@ -51,6 +55,14 @@ inline void check_compact_args(const at::Tensor& k, const at::Tensor& v, const a
               "inf_mllm::compact_: need n_sink + n_recent <= budget <= C and budget >= 1; got budget=", budget,
               " n_sink=", n_sink, " n_recent=", n_recent, " C=", C);
   TORCH_CHECK(C < (int64_t(1) << 31), "inf_mllm::compact_: C must fit in int32");
+  // Every buffer is moved in place: two that share memory would be moved twice.
+  std::vector<std::pair<std::string, at::TensorBase>> bufs = {{"k", k}, {"v", v}, {"scores", scores}, {"length", length}};
+  for (size_t i = 0; i < extras.size(); ++i) bufs.emplace_back("extras[" + std::to_string(i) + "]", extras[i]);
+  for (size_t i = 0; i < bufs.size(); ++i)
+    for (size_t j = i + 1; j < bufs.size(); ++j)
+      TORCH_CHECK(at::get_overlap_status(bufs[i].second, bufs[j].second) != at::MemOverlapStatus::Full &&
+                      at::get_overlap_status(bufs[i].second, bufs[j].second) != at::MemOverlapStatus::Partial,
+                  "inf_mllm::compact_: ", bufs[i].first, " and ", bufs[j].first, " share memory");
 }
 
 }  // namespace inf_mllm

@@ -1,19 +1,34 @@
-"""Vectorised PyTorch implementation of ``attention_with_scores`` (SPEC §4.1).
+"""PyTorch implementation of ``attention_with_scores`` (SPEC §4.1) for CPU tensors.
 
-Used for CPU tensors (and as a fallback where Triton is unavailable). Same semantics as the
-Triton kernels; no Python loop over rows or tokens. Logits, softmax and scores are computed in
-float32 (float64 when the inputs are float64); the output is cast back to ``q.dtype``.
+Same semantics as the Triton kernels, split by what each query needs:
+
+* the ``n - w`` queries that do not score (``w = min(window, n)`` when scores are asked for,
+  else 0) go through ``torch.nn.functional.scaled_dot_product_attention`` (PyTorch's fused
+  attention: no ``[n, L]`` weight matrix), over the keys they can see, with a bottom-right
+  causal mask;
+* the last ``w`` queries (the retrieval window) are computed explicitly: their softmax
+  weights ``p`` (``G * w x L`` per KV head, an ``O(w * L)`` pass) give both their output
+  ``p @ V`` and the column sums added to ``scores``. A decode step (``n = 1``) is this part
+  only, with or without scores (for ``G * n <= 16`` rows the explicit form measured faster
+  than SDPA).
+
+The GQA group shares its KV head: the ``G`` query heads of a KV head are stacked as
+``G * n`` rows of one ``[B, Hkv, G * n, D]`` problem (no ``repeat_interleave`` of K/V).
+Rows of a ragged batch are processed in runs of equal length, each run reading exactly the
+slots ``< length``, so nothing past a row's length (NaN, garbage) is ever read. In rolling
+mode (``cos``/``sin``) the run's keys are rotated once at their slots (one pass in the native library when it
+has ``inf_mllm::rope``, see :func:`rope_rows`).
+
+Logits, softmax and scores are computed in float32 (float64 when the inputs are float64);
+bfloat16/float16 inputs are converted to float32 first. The output is cast back to
+``q.dtype``.
 """
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
-
-
-# Above this many logits per call the query dimension is processed in blocks, so a long
-# prefill chunk does not materialise a huge [B, Hq, n, L] float32 tensor.
-_MAX_LOGITS = 1 << 26
+import torch.nn.functional as F
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -26,25 +41,115 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     return out
 
 
-def window_bias(length: torch.Tensor, Lmax: int, w: int, bias: float, bias_mode: str, dtype) -> torch.Tensor:
-    """``[B, Lmax]``: the bias summed over the ``w`` window queries that see each slot ``j``
-    (query ``i`` at slot ``t_i = length - w + i`` sees ``j <= t_i``; none see ``j >= length``).
+_NATIVE_ROPE: Optional[bool] = None
 
-    ``absolute``: ``bias * j * count_j`` with ``count_j = clamp(length - j, 0, w)``;
-    ``relative``: ``bias * (j + 1) * sum_{t_i >= j} 1 / (t_i + 1) ** 2`` (a loop over the ``w``
-    window queries, ``O(w * Lmax)``)."""
-    length = length.to(torch.long)
-    j = torch.arange(Lmax, device=length.device)
-    if bias == 0.0:
-        return torch.zeros(length.shape[0], Lmax, dtype=dtype, device=length.device)
+
+def rope_rows(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``x [..., L, D]`` rotated row ``j`` at ``cos[j], sin[j]`` (``[L, D]``, float32 or
+    float64), returned contiguous in the dtype of ``cos``.
+
+    One pass in the native library (``torch.ops.inf_mllm.rope``, csrc/rope_cpu.cpp: reads x
+    once, converting it on load, writes the result once) when it was built with it; else
+    :func:`_rope` (three broadcasting passes)."""
+    global _NATIVE_ROPE
+    if _NATIVE_ROPE is None:
+        _NATIVE_ROPE = torch._C._dispatch_has_kernel_for_dispatch_key("inf_mllm::rope", "CPU")
+    if _NATIVE_ROPE and x.device.type == "cpu" and x.stride(-1) == 1 and x.stride(-2) == x.shape[-1]:
+        return torch.ops.inf_mllm.rope(x, cos.contiguous(), sin.contiguous())
+    return _rope(x.to(cos.dtype), cos, sin)
+
+
+def window_bias(L: int, w: int, bias: float, bias_mode: str, dtype, device) -> torch.Tensor:
+    """``[L]``: the bias of a row holding ``L`` slots, summed over its ``w`` window queries
+    (query ``i`` at slot ``t_i = L - w + i`` sees ``j <= t_i``), in closed form, ``O(L)``.
+
+    ``absolute``: ``bias * j * count_j`` with ``count_j = min(w, L - j)``;
+    ``relative``: ``bias * (j + 1) * S_j`` with ``S_j = sum_{t_i >= j} 1 / (t_i + 1) ** 2``,
+    the same total for every ``j <= L - w`` and a suffix sum over the window's own slots above.
+    The ``w`` window slots are computed on the host in float64 (``w`` terms)."""
     if bias_mode == "absolute":
-        count = (length[:, None] - j[None, :]).clamp(0, w).to(dtype)
-        return bias * j.to(dtype) * count
-    t = length[:, None] - w + torch.arange(w, device=length.device)  # [B, w] slot of each window query
-    inv = (t.to(dtype) + 1).pow(-2)  # [B, w]
-    sees = j[None, None, :] <= t[:, :, None]  # [B, w, Lmax]
-    acc = torch.where(sees, inv[:, :, None], torch.zeros((), dtype=dtype, device=length.device)).sum(dim=1)
-    return bias * (j.to(dtype) + 1) * acc
+        out = torch.arange(L, dtype=dtype, device=device).mul_(bias * w)
+        tail = [bias * (L - w + i) * (w - i) for i in range(w)]  # count = L - j on the window's slots
+    else:
+        suffix, acc = [0.0] * w, 0.0
+        for i in range(w - 1, -1, -1):  # window query i sits at slot L - w + i
+            acc += 1.0 / float(L - w + i + 1) ** 2
+            suffix[i] = acc
+        out = torch.arange(1, L + 1, dtype=dtype, device=device).mul_(bias * acc)
+        tail = [bias * (L - w + i + 1) * suffix[i] for i in range(w)]
+    if w > 1 or bias_mode == "absolute":
+        out[L - w :] = torch.tensor(tail, dtype=dtype, device=device)
+    return out
+
+
+# keys @ queries^T measured 2x faster than queries @ keys^T for a decode step at L x D = 4096 x
+# 128 (8 KV heads, 4 query rows each) and 1.4x slower at 1056 x 64 (SmolLM2: 3 x 3), one thread.
+_KQ_MIN_ELEMS = 1 << 18
+# Without scores, calls with at most this many query rows per KV head (G * n) skip SDPA.
+_EXPLICIT_MAX_ROWS = 16
+
+
+def _runs(lens):
+    """Maximal runs ``(b0, b1, L)`` of consecutive rows with the same length."""
+    b0 = 0
+    while b0 < len(lens):
+        b1 = b0 + 1
+        while b1 < len(lens) and lens[b1] == lens[b0]:
+            b1 += 1
+        yield b0, b1, lens[b0]
+        b0 = b1
+
+
+def _attend_run(q, k, v, L, out, scores, scale, w, we, bias, bias_mode, decay, cos, sin, cdt):
+    """One run of rows that all hold ``L`` valid slots. ``q [R, Hkv, G, n, D]``, ``k, v
+    [R, Hkv, L, D]`` (the valid slots only), ``out [R, Hkv, G, n, D]`` written in place,
+    ``scores [R, Hkv, C]`` or ``None``. The last ``we`` queries are computed explicitly (``we =
+    w`` when scoring), the others by SDPA; only the ``w`` window queries add to ``scores``."""
+    R, Hkv, G, n, D = q.shape
+    vv = v if v.dtype == cdt else v.to(cdt)
+    if cos is not None:
+        if cos.dtype != cdt:
+            cos, sin = cos[:L].to(cdt), sin[:L].to(cdt)
+        kk = rope_rows(k, cos[:L], sin[:L])
+        qq = rope_rows(q, cos[L - n : L], sin[L - n : L])  # query i at slot L - n + i
+    else:
+        kk = k if k.dtype == cdt else k.to(cdt)
+        qq = q if q.dtype == cdt else q.to(cdt)
+    nh = n - we  # queries that do not score: fused attention
+    if nh > 0:
+        Lk = L - we  # the last of them sits at slot Lk - 1
+        qh = qq[:, :, :, :nh].reshape(R, Hkv, G * nh, D)
+        # bottom-right causal: query i (slot Lk - nh + i) sees j <= Lk - nh + i; tiled over the group
+        mask = None
+        if nh > 1:
+            mask = torch.ones(nh, Lk, dtype=torch.bool, device=q.device).tril(Lk - nh).repeat(G, 1)
+        oh = F.scaled_dot_product_attention(qh, kk[:, :, :Lk], vv[:, :, :Lk], attn_mask=mask, scale=scale)
+        out[:, :, :, :nh] = oh.view(R, Hkv, G, nh, D)
+    if we > 0:
+        w = we  # equals the scoring window whenever scores is given (scores is None otherwise)
+        # the window queries: explicit weights [R, Hkv, G * w, L]. For the few rows of a decode
+        # step over a long buffer, keys @ queries^T is the faster GEMM shape (then transposed for
+        # a contiguous softmax); otherwise queries @ keys^T (measured, one thread).
+        qw = qq[:, :, :, nh:].reshape(R, Hkv, G * w, D) * scale
+        if G * w <= 16 and L * D >= _KQ_MIN_ELEMS:
+            logits = torch.matmul(kk, qw.transpose(-1, -2)).transpose(-1, -2).contiguous()
+        else:
+            logits = torch.matmul(qw, kk.transpose(-1, -2))
+        if w > 1:  # causal inside the window: query i (slot L - w + i) does not see slots L - w + i' > i
+            tri = torch.ones(w, w, dtype=torch.bool, device=q.device).triu(1)  # [query, slot]
+            logits.view(R, Hkv, G, w, L)[..., L - w :].masked_fill_(tri, float("-inf"))
+        p = torch.softmax(logits, dim=-1)
+        ow = torch.matmul(p, vv)  # [R, Hkv, G * w, D]
+        out[:, :, :, nh:] = ow.view(R, Hkv, G, w, D)
+        if scores is None:
+            return
+        col = p.sum(dim=-2).div_(G)  # [R, Hkv, L]: mean over the group, sum over the window
+        if bias != 0.0:
+            col += window_bias(L, w, bias, bias_mode, cdt, q.device)
+        sc = scores[:, :, :L]
+        if decay != 1.0:
+            sc.mul_(decay)
+        sc.add_(col.to(scores.dtype))
 
 
 def attention_with_scores_torch(
@@ -65,50 +170,16 @@ def attention_with_scores_torch(
     Hkv = k.shape[1]
     G = Hq // Hkv
     cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
-    Lmax = int(length.max())
-    length = length.to(torch.long)
-    j = torch.arange(Lmax, device=q.device)
-    kk = k[:, :, :Lmax].to(cdt)
-    vv = v[:, :, :Lmax].to(cdt)
-    if int(length.min()) < Lmax:
-        # ragged rows: slots past a row's length may hold anything (even NaN); a masked
-        # weight of 0 times NaN is NaN, so clear them (logits are masked to -inf below)
-        vv = vv.masked_fill((j[None, :] >= length[:, None])[:, None, :, None], 0)
-    slots = length[:, None] - n + torch.arange(n, device=q.device)  # [B, n] slot of each query
-    qq = q.to(cdt)
-    if cos is not None:
-        cq = cos.to(cdt)[slots][:, None]  # [B, 1, n, D]
-        sq = sin.to(cdt)[slots][:, None]
-        qq = _rope(qq, cq, sq)
-        kk = _rope(kk, cos[:Lmax].to(cdt), sin[:Lmax].to(cdt))
-    qq = qq.reshape(B, Hkv, G * n, D)  # the G heads of a KV head share one matmul
-    # keep[b, i, j]: slot j is visible to query i of row b (causal, and never past length)
-    visible = j[None, None, :] <= slots[:, :, None]  # [B, n, Lmax]
-    out = torch.empty(B, Hkv, G * n, D, dtype=cdt, device=q.device)
-
     w = min(window, n) if scores is not None else 0
-    col = torch.zeros(B, Hkv, Lmax, dtype=cdt, device=q.device) if w > 0 else None
-
-    rows_per_block = max(1, _MAX_LOGITS // max(1, B * Hq * Lmax))
-    for i0 in range(0, n, rows_per_block):  # one iteration for decode and usual chunks
-        i1 = min(n, i0 + rows_per_block)
-        nb = i1 - i0
-        qb = qq.view(B, Hkv, G, n, D)[:, :, :, i0:i1].reshape(B, Hkv, G * nb, D)
-        logits = torch.matmul(qb, kk.transpose(-1, -2)).mul_(scale)  # [B, Hkv, G*nb, Lmax]
-        logits = logits.view(B, Hkv, G, nb, Lmax)
-        logits.masked_fill_(~visible[:, None, None, i0:i1], float("-inf"))
-        p = torch.softmax(logits, dim=-1)
-        ob = torch.matmul(p.view(B, Hkv, G * nb, Lmax), vv).view(B, Hkv, G, nb, D)
-        out.view(B, Hkv, G, n, D)[:, :, :, i0:i1] = ob
-        if w > 0 and i1 > n - w:
-            lo = max(i0, n - w) - i0
-            # mean over the GQA group, sum over the retrieval-window queries
-            col += p[:, :, :, lo:].sum(dim=3).mean(dim=2)
-    if w > 0:
-        col += window_bias(length, Lmax, w, bias, bias_mode, cdt)[:, None, :]
-        sc = scores[:, :, :Lmax]
-        if decay != 1.0:
-            valid = (j[None, :] < length[:, None])[:, None, :]  # slots past length stay untouched
-            sc.copy_(torch.where(valid, sc * decay, sc))
-        sc += col.to(scores.dtype)
-    return out.view(B, Hq, n, D).to(q.dtype)
+    # rows computed explicitly: the scoring window; without scores, a decode step's few rows
+    # (explicit measured faster than SDPA there: 3.6-3.9 vs 4.2-4.8 ms at L=4096, Hkv=8, G=4, D=128)
+    we = w if w > 0 else (n if G * n <= _EXPLICIT_MAX_ROWS else 0)
+    lens = [int(x) for x in length.tolist()]
+    qv = q.view(B, Hkv, G, n, D)  # the G heads of a KV head are consecutive
+    out = torch.empty(B, Hkv, G, n, D, dtype=q.dtype, device=q.device)
+    for b0, b1, L in _runs(lens):
+        _attend_run(
+            qv[b0:b1], k[b0:b1, :, :L], v[b0:b1, :, :L], L, out[b0:b1], None if w == 0 else scores[b0:b1],
+            scale, w, we, bias, bias_mode, decay, cos, sin, cdt,
+        )
+    return out.view(B, Hq, n, D)

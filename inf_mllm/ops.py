@@ -3,7 +3,9 @@
 * ``attention_with_scores`` -> ``torch.ops.inf_mllm.attention_with_scores``: Triton on CUDA,
   a vectorised PyTorch path on the CPU.
 * ``compact_`` -> ``torch.ops.inf_mllm.compact_``: the native C++ (CPU) / CUDA operator from
-  ``csrc/``, registered with ``TORCH_LIBRARY(inf_mllm, ...)``.
+  ``csrc/``. The same library has ``inf_mllm::rope`` (CPU), a one-pass key rotation used by
+  the CPU attention path. Their schemas are defined here, once; the native library only
+  registers kernels for them (``TORCH_LIBRARY_IMPL``).
 
 The Python wrappers here check every argument and raise ``ValueError``/``TypeError`` with a
 message naming the problem; the raw ``torch.ops`` entry points trust their inputs.
@@ -18,6 +20,7 @@ import warnings
 from typing import Optional, Sequence
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from ._torch_path import attention_with_scores_torch
 from .reference import attention_with_scores_ref, compact_ref_  # noqa: F401  (re-exported)
@@ -34,8 +37,8 @@ __all__ = [
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 # --------------------------------------------------------------------------------------
-# compact_: the schema is defined here, once; the native library (csrc/, loaded below)
-# registers its CPU and (when built) CUDA kernels for it with TORCH_LIBRARY_IMPL.
+# Native ops: the schemas are defined here, once; the native library (csrc/, loaded below)
+# registers its CPU and (when built) CUDA kernels for them with TORCH_LIBRARY_IMPL.
 # --------------------------------------------------------------------------------------
 
 COMPACT_SCHEMA = (
@@ -43,8 +46,10 @@ COMPACT_SCHEMA = (
     "Tensor(e!)[] extras, int budget, int n_sink, int n_recent, bool reset_scores, "
     "bool return_indices) -> Tensor"
 )
+ROPE_SCHEMA = "rope(Tensor x, Tensor cos, Tensor sin) -> Tensor"  # CPU only (csrc/rope_cpu.cpp)
 _LIB = torch.library.Library("inf_mllm", "FRAGMENT")
 _LIB.define(COMPACT_SCHEMA)
+_LIB.define(ROPE_SCHEMA)
 
 
 def _load_native() -> bool:
@@ -90,6 +95,11 @@ def _compact_fake(k, v, scores, length, extras, budget, n_sink, n_recent, reset_
     return k.new_empty((0,), dtype=torch.long)
 
 
+@torch.library.register_fake("inf_mllm::rope")
+def _rope_fake(x, cos, sin):
+    return x.new_empty(x.shape, dtype=cos.dtype)
+
+
 # --------------------------------------------------------------------------------------
 # attention_with_scores: a Python custom op in the same namespace.
 # --------------------------------------------------------------------------------------
@@ -110,6 +120,15 @@ def _attention_with_scores_op(
     bias_mode: str = "absolute",
     decay: float = 1.0,
 ) -> torch.Tensor:
+    return _attention_with_scores_impl(q, k, v, length, scores, scale, window, bias, cos, sin, bias_mode, decay)
+
+
+@_attention_with_scores_op.register_fake
+def _(q, k, v, length, scores, scale, window, bias, cos, sin, bias_mode="absolute", decay=1.0):
+    return torch.empty_like(q)
+
+
+def _attention_with_scores_impl(q, k, v, length, scores, scale, window, bias, cos, sin, bias_mode, decay):
     if q.is_cuda and q.dtype != torch.float64:
         from .kernels.attention import attention_with_scores_triton
 
@@ -117,9 +136,21 @@ def _attention_with_scores_op(
     return attention_with_scores_torch(q, k, v, length, scores, scale, window, bias, cos, sin, bias_mode, decay)
 
 
-@_attention_with_scores_op.register_fake
-def _(q, k, v, length, scores, scale, window, bias, cos, sin, bias_mode="absolute", decay=1.0):
-    return torch.empty_like(q)
+def _plain_eager(*tensors) -> bool:
+    """True for an eager call on plain tensors that need no autograd: the public wrapper then
+    runs the implementation itself and skips the custom-op dispatch (about 70 us per call on
+    the CPU, paid by every layer of every decode step). Under ``torch.compile``, a dispatch or
+    function mode (fake tensors, tracing), functorch transforms, tensor subclasses or inputs
+    that require grad, calls go through ``torch.ops`` so that the registration (fake kernel,
+    mutation annotation) applies."""
+    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
+        return False
+    if torch._C._is_torch_function_mode_enabled() or torch._C._are_functorch_transforms_active():
+        return False
+    for t in tensors:
+        if t is not None and (type(t) is not torch.Tensor or t.requires_grad):
+            return False
+    return True
 
 
 BIAS_MODES = ("absolute", "relative")
@@ -158,40 +189,66 @@ def _values_checkable(t: torch.Tensor, override: Optional[bool] = None) -> bool:
     return True
 
 
-def _check(cond: bool, msg: str, exc=ValueError) -> None:
+def _check(cond: bool, msg, exc=ValueError) -> None:
+    """Raise ``exc("inf_mllm: " + msg)`` unless ``cond``; ``msg`` may be a callable, so that a
+    message is only formatted when the check fails (these checks run on every layer's call)."""
     if not cond:
-        raise exc(f"inf_mllm: {msg}")
+        raise exc(f"inf_mllm: {msg() if callable(msg) else msg}")
 
 
 def _check_tensor(name: str, t, ndim: int) -> None:
-    _check(isinstance(t, torch.Tensor), f"{name} must be a torch.Tensor, got {type(t).__name__}", TypeError)
-    _check(t.dim() == ndim, f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+    _check(isinstance(t, torch.Tensor), lambda: f"{name} must be a torch.Tensor, got {type(t).__name__}", TypeError)
+    _check(t.dim() == ndim, lambda: f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
 
 
 def _check_length(length, B: int, device: torch.device) -> None:
     _check_tensor("length", length, 1)
-    _check(length.dtype == torch.int32, f"length must be int32, got {length.dtype}", TypeError)
-    _check(length.shape[0] == B, f"length must have shape [B]=[{B}], got {tuple(length.shape)}")
-    _check(length.device == device, f"length is on {length.device} but the buffers are on {device}")
+    _check(length.dtype == torch.int32, lambda: f"length must be int32, got {length.dtype}", TypeError)
+    _check(length.shape[0] == B, lambda: f"length must have shape [B]=[{B}], got {tuple(length.shape)}")
+    _check(length.device == device, lambda: f"length is on {length.device} but the buffers are on {device}")
 
 
 def _check_kv(k, v) -> None:
     _check_tensor("k", k, 4)
     _check_tensor("v", v, 4)
-    _check(k.shape == v.shape, f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
-    _check(k.dtype == v.dtype, f"k and v must have the same dtype, got {k.dtype} and {v.dtype}", TypeError)
-    _check(k.dtype in _FLOAT_DTYPES, f"k/v dtype {k.dtype} is not supported", TypeError)
-    _check(k.device == v.device, f"k is on {k.device} but v is on {v.device}")
+    _check(k.shape == v.shape, lambda: f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    _check(k.dtype == v.dtype, lambda: f"k and v must have the same dtype, got {k.dtype} and {v.dtype}", TypeError)
+    _check(k.dtype in _FLOAT_DTYPES, lambda: f"k/v dtype {k.dtype} is not supported", TypeError)
+    _check(k.device == v.device, lambda: f"k is on {k.device} but v is on {v.device}")
     _check(k.is_contiguous() and v.is_contiguous(), "k and v buffers must be contiguous [B, Hkv, C, D]")
 
 
 def _check_scores(scores, k) -> None:
     B, Hkv, C, _ = k.shape
     _check_tensor("scores", scores, 3)
-    _check(scores.dtype == torch.float32, f"scores must be float32, got {scores.dtype}", TypeError)
-    _check(tuple(scores.shape) == (B, Hkv, C), f"scores must have shape [B, Hkv, C]={[B, Hkv, C]}, got {list(scores.shape)}")
-    _check(scores.device == k.device, f"scores is on {scores.device} but k is on {k.device}")
+    _check(scores.dtype == torch.float32, lambda: f"scores must be float32, got {scores.dtype}", TypeError)
+    _check(tuple(scores.shape) == (B, Hkv, C), lambda: f"scores must have shape [B, Hkv, C]={[B, Hkv, C]}, got {list(scores.shape)}")
+    _check(scores.device == k.device, lambda: f"scores is on {scores.device} but k is on {k.device}")
     _check(scores.is_contiguous(), "scores must be contiguous")
+
+
+def _check_no_alias(named) -> None:
+    """Refuse buffers that share memory: ``compact_`` moves each of them in place, so an aliased
+    pair would be moved twice (silently wrong). ``named``: ``(name, tensor)`` pairs. Skipped
+    where memory addresses mean nothing (``torch.compile``, fake/meta tensors, dispatch modes)."""
+    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
+        return
+    spans = []
+    for order, (name, t) in enumerate(named):
+        if type(t) is not torch.Tensor or t.device.type == "meta" or t.numel() == 0:
+            continue
+        start = t.data_ptr()
+        if t.is_contiguous():
+            extent = t.numel()
+        else:  # elements from the first to the last (strides of these buffers are positive)
+            extent = 1 + sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))
+        spans.append((start, start + extent * t.element_size(), order, name))
+    spans.sort()
+    # intervals sorted by start overlap somewhere iff some neighbours overlap
+    for a, b in zip(spans, spans[1:]):
+        first, second = sorted((a, b), key=lambda x: x[2])  # name them in argument order
+        _check(b[0] >= a[1], lambda: f"{first[3]} and {second[3]} share memory; compact_ moves every buffer in "
+               "place, so each must be a separate tensor (pass distinct buffers, e.g. .clone() one of them)")
 
 
 # --------------------------------------------------------------------------------------
@@ -248,47 +305,48 @@ def attention_with_scores(
     _check_kv(k, v)
     B, Hq, n, D = q.shape
     Bk, Hkv, C, Dk = k.shape
-    _check(q.dtype == k.dtype, f"q dtype {q.dtype} differs from k/v dtype {k.dtype}", TypeError)
-    _check(q.device == k.device, f"q is on {q.device} but k/v are on {k.device}")
-    _check(B == Bk, f"batch size of q ({B}) differs from k/v ({Bk})")
-    _check(D == Dk, f"head dim of q ({D}) differs from k/v ({Dk})")
-    _check(Hq % Hkv == 0, f"Hq={Hq} query heads is not a multiple of Hkv={Hkv} key/value heads")
+    _check(q.dtype == k.dtype, lambda: f"q dtype {q.dtype} differs from k/v dtype {k.dtype}", TypeError)
+    _check(q.device == k.device, lambda: f"q is on {q.device} but k/v are on {k.device}")
+    _check(B == Bk, lambda: f"batch size of q ({B}) differs from k/v ({Bk})")
+    _check(D == Dk, lambda: f"head dim of q ({D}) differs from k/v ({Dk})")
+    _check(Hq % Hkv == 0, lambda: f"Hq={Hq} query heads is not a multiple of Hkv={Hkv} key/value heads")
     _check(n >= 1, "q must hold at least one query (n >= 1)")
-    _check(n <= C, f"n={n} new tokens exceed the buffer capacity C={C}")
+    _check(n <= C, lambda: f"n={n} new tokens exceed the buffer capacity C={C}")
     _check(q.dtype != torch.float64 or not q.is_cuda, "float64 is supported on the CPU only", TypeError)
     _check_length(length, B, k.device)
     if scores is not None:
         _check_scores(scores, k)
     _check(isinstance(window, int) and not isinstance(window, bool) and window >= 0,
-           f"window must be a non-negative int, got {window!r}")
+           lambda: f"window must be a non-negative int, got {window!r}")
     _check(isinstance(bias, (int, float)) and not isinstance(bias, bool) and math.isfinite(bias),
-           f"bias must be a finite number, got {bias!r}")
+           lambda: f"bias must be a finite number, got {bias!r}")
     _check(isinstance(bias_mode, str) and bias_mode in BIAS_MODES,
-           f"bias_mode must be one of {BIAS_MODES}, got {bias_mode!r}")
+           lambda: f"bias_mode must be one of {BIAS_MODES}, got {bias_mode!r}")
     _check(isinstance(decay, (int, float)) and not isinstance(decay, bool) and math.isfinite(decay)
-           and 0.0 < decay <= 1.0, f"decay must be a finite number in (0, 1], got {decay!r}")
+           and 0.0 < decay <= 1.0, lambda: f"decay must be a finite number in (0, 1], got {decay!r}")
     _check(scale is None or (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0),
-           f"scale must be a positive finite number, got {scale!r}")
+           lambda: f"scale must be a positive finite number, got {scale!r}")
     if (cos is None) != (sin is None):
         raise ValueError("inf_mllm: cos and sin must be given together")
     if cos is not None:
         for name, t in (("cos", cos), ("sin", sin)):
             _check_tensor(name, t, 2)
-            _check(t.shape[0] >= C and t.shape[1] == D, f"{name} must have shape [C, D]=[{C}, {D}] (or more rows), got {list(t.shape)}")
-            _check(t.device == k.device, f"{name} is on {t.device} but k is on {k.device}")
-            _check(t.dtype.is_floating_point, f"{name} must be floating point, got {t.dtype}", TypeError)
-        _check(D % 2 == 0, f"RoPE needs an even head dim, got D={D}")
+            _check(t.shape[0] >= C and t.shape[1] == D, lambda: f"{name} must have shape [C, D]=[{C}, {D}] (or more rows), got {list(t.shape)}")
+            _check(t.device == k.device, lambda: f"{name} is on {t.device} but k is on {k.device}")
+            _check(t.dtype.is_floating_point, lambda: f"{name} must be floating point, got {t.dtype}", TypeError)
+        _check(D % 2 == 0, lambda: f"RoPE needs an even head dim, got D={D}")
         cos, sin = cos.contiguous(), sin.contiguous()
     if scale is None:
         scale = D ** -0.5
     if _values_checkable(length, check_values):
         lo, hi = int(length.min()), int(length.max())
-        _check(hi <= C, f"length {hi} exceeds the buffer capacity C={C}")
-        _check(lo >= n, f"length {lo} is smaller than the number of new tokens n={n}")
-    return torch.ops.inf_mllm.attention_with_scores(
-        q.contiguous(), k, v, length, scores, float(scale), int(window), float(bias), cos, sin, bias_mode,
-        float(decay),
-    )
+        _check(hi <= C, lambda: f"length {hi} exceeds the buffer capacity C={C}")
+        _check(lo >= n, lambda: f"length {lo} is smaller than the number of new tokens n={n}")
+    args = (q.contiguous(), k, v, length, scores, float(scale), int(window), float(bias), cos, sin, bias_mode,
+            float(decay))
+    if _plain_eager(q, k, v, length, scores, cos, sin):
+        return _attention_with_scores_impl(*args)
+    return torch.ops.inf_mllm.attention_with_scores(*args)
 
 
 def compact_(
@@ -314,6 +372,10 @@ def compact_(
     (``reset_scores=True``) or moved with their tokens (slots ``>= budget`` zeroed);
     ``length[b] = budget``. Rows with ``length[b] <= budget`` are untouched.
 
+    Every buffer (``k``, ``v``, ``scores``, ``length``, each extra) must be its own memory: buffers
+    that share memory (``compact_(k, k, ...)``, ``extras=(pos, pos)``, an extra viewing ``scores``)
+    are refused with ``ValueError``, since each would be moved twice.
+
     Returns the kept slot indices ``[B, Hkv, budget]`` (int64; ``arange(budget)`` for untouched
     rows) when ``return_indices``, else ``None``. ``check_values`` as in
     :func:`attention_with_scores`.
@@ -323,20 +385,22 @@ def compact_(
     _check_scores(scores, k)
     _check_length(length, B, k.device)
     for name, val in (("budget", budget), ("n_sink", n_sink), ("n_recent", n_recent)):
-        _check(isinstance(val, int) and not isinstance(val, bool), f"{name} must be an int, got {val!r}", TypeError)
-        _check(val >= 0, f"{name} must be >= 0, got {val}")
-    _check(budget >= n_sink + n_recent, f"budget={budget} is smaller than n_sink + n_recent = {n_sink} + {n_recent}")
+        _check(isinstance(val, int) and not isinstance(val, bool), lambda: f"{name} must be an int, got {val!r}", TypeError)
+        _check(val >= 0, lambda: f"{name} must be >= 0, got {val}")
+    _check(budget >= n_sink + n_recent, lambda: f"budget={budget} is smaller than n_sink + n_recent = {n_sink} + {n_recent}")
     _check(budget >= 1, "budget must be at least 1")
-    _check(budget <= C, f"budget={budget} exceeds the buffer capacity C={C}")
+    _check(budget <= C, lambda: f"budget={budget} exceeds the buffer capacity C={C}")
     extras = list(extras)
     for i, e in enumerate(extras):
         _check_tensor(f"extras[{i}]", e, 3)
-        _check(tuple(e.shape) == (B, Hkv, C), f"extras[{i}] must have shape [B, Hkv, C]={[B, Hkv, C]}, got {list(e.shape)}")
-        _check(e.device == k.device, f"extras[{i}] is on {e.device} but k is on {k.device}")
-        _check(e.is_contiguous(), f"extras[{i}] must be contiguous")
+        _check(tuple(e.shape) == (B, Hkv, C), lambda: f"extras[{i}] must have shape [B, Hkv, C]={[B, Hkv, C]}, got {list(e.shape)}")
+        _check(e.device == k.device, lambda: f"extras[{i}] is on {e.device} but k is on {k.device}")
+        _check(e.is_contiguous(), lambda: f"extras[{i}] must be contiguous")
+    _check_no_alias([("k", k), ("v", v), ("scores", scores), ("length", length)]
+                    + [(f"extras[{i}]", e) for i, e in enumerate(extras)])
     if _values_checkable(length, check_values):
         hi = int(length.max())
-        _check(hi <= C, f"length {hi} exceeds the buffer capacity C={C}")
+        _check(hi <= C, lambda: f"length {hi} exceeds the buffer capacity C={C}")
         _check(int(length.min()) >= 0, "length must be non-negative")
     idx = torch.ops.inf_mllm.compact_(
         k, v, scores, length, extras, int(budget), int(n_sink), int(n_recent), bool(reset_scores), bool(return_indices)

@@ -189,9 +189,15 @@ def test_op_cpu(case):
     _compare(_op, case, poison="huge")
 
 
-def test_op_cpu_nan_beyond_length():
-    # NaN in slots >= length of ragged rows must not leak (0 * NaN = NaN otherwise)
-    case = _case(G=3, D=64, n=5, dtype=f32).values[0]
+@pytest.mark.parametrize("case", [
+    _case(G=3, D=64, n=5, dtype=f32, id="window-only"),
+    _case(B=3, G=3, D=64, n=40, C=120, window=6, dtype=f32, lens=[120, 40, 77], bias_mode="relative", bias=2.0,
+          decay=0.5, id="fused-head-and-window"),
+    _case(B=3, G=4, D=64, n=40, C=120, scores=False, dtype=bf16, lens=[41, 120, 41], id="fused-only"),
+])
+def test_op_cpu_nan_beyond_length(case):
+    # NaN in slots >= length of ragged rows must not leak (0 * NaN = NaN otherwise), in the
+    # fused (SDPA) part of a chunk as in its explicit window part
     _compare(_op, case, poison="nan")
 
 
@@ -414,8 +420,8 @@ def test_bench_attention_cpu_smoke():
 
     rows = bench_attention("cpu", torch.float32, contexts=(32, 64), B=1, Hkv=2, G=2, D=64, n=4, window=2,
                            warmup=1, reps=2)
-    assert len(rows) == 6
-    assert {r["impl"] for r in rows} == {"inf_mllm", "sdpa", "eager_scores"}
+    assert len(rows) == 8
+    assert {r["impl"] for r in rows} == {"inf_mllm", "sdpa", "sdpa_stacked", "eager_scores"}
     assert all(r["time_ms"] > 0 and r["gbps"] > 0 and r["kv_bytes"] == 2 * 2 * r["context"] * 64 * 4 for r in rows)
 
 
@@ -545,3 +551,60 @@ def test_scores_over_calls_with_decay_match_plain_recomputation(impl, device, bi
     for b, L in enumerate(lens):
         assert torch.equal(scores[b, :, L:], torch.zeros_like(scores[b, :, L:])), "slots past length changed"
     torch.testing.assert_close(scores.double(), want, rtol=1e-5, atol=2e-5)
+
+
+# --------------------------------------------------------------------------------------
+# RoPE helper of the CPU path: native one-pass kernel and the PyTorch fallback
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not hasattr(torch.ops.inf_mllm, "rope"), reason="native library built without inf_mllm::rope")
+@pytest.mark.parametrize("dtype", [f32, bf16, f16, torch.float64], ids=lambda d: str(d)[6:])
+def test_native_rope_matches_reference(dtype):
+    from inf_mllm.reference import apply_rope
+
+    gen = torch.Generator().manual_seed(3)
+    C, L, D = 50, 37, 96
+    buf = torch.randn(2, 3, C, D, generator=gen).to(dtype)
+    x = buf[:, :, :L]  # the valid slots of a buffer: leading dims strided
+    assert not x.is_contiguous()
+    tab = torch.float64 if dtype == torch.float64 else f32
+    cos, sin = (t[:L].to(tab).contiguous() for t in _rope_tables(C, D, torch.float64))
+    got = torch.ops.inf_mllm.rope(x, cos, sin)
+    assert got.dtype == tab and got.is_contiguous() and got.shape == x.shape
+    want = apply_rope(x.to(tab), cos, sin)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12 if tab == torch.float64 else 2e-6)
+    with pytest.raises(RuntimeError, match="cos and sin must be"):
+        torch.ops.inf_mllm.rope(x, cos[:-1], sin[:-1])
+    with pytest.raises(RuntimeError, match="last two dims"):
+        torch.ops.inf_mllm.rope(torch.randn(2, 3, L, 2 * D).to(dtype)[..., ::2], cos, sin)
+
+
+def test_op_cpu_without_native_rope(monkeypatch):
+    """The PyTorch fallback of the key rotation (a library built without inf_mllm::rope)."""
+    import inf_mllm._torch_path as tp
+
+    monkeypatch.setattr(tp, "_NATIVE_ROPE", False)
+    case = _case(B=3, G=3, D=64, n=40, C=120, window=6, dtype=bf16, lens=[120, 40, 77], bias_mode="relative",
+                 bias=2.0, decay=0.5).values[0]
+    _compare(_op, case, poison="nan")
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(Hq=32, Hkv=7), "not a multiple"),
+    (dict(D=0), "D must be a positive int"),
+    (dict(D=63), "head dim must be even"),
+    (dict(Hkv=0), "Hkv must be a positive int"),
+    (dict(sizes=[]), "cache sizes"),
+    (dict(sizes=[-5]), "cache sizes"),
+    (dict(window=-1), "window"),
+    (dict(which=("attn",)), "unknown operator"),
+])
+def test_ops_bench_refuses_bad_shapes(kw, match):
+    """``inf-mllm bench ops`` arguments are checked before anything is allocated or timed (issue 13)."""
+    from inf_mllm.evals.ops_bench import run_ops_bench
+
+    args = dict(sizes=[64], device="cpu", dtype=torch.float32, B=1, Hq=4, Hkv=2, D=32, prefill_chunk=8, window=4)
+    args.update(kw)
+    with pytest.raises(ValueError, match=match):
+        run_ops_bench(**args)

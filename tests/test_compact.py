@@ -271,6 +271,53 @@ def test_bad_inputs_raise(name):
             assert torch.equal(x, y)
 
 
+ALIASED = {
+    "k is v": (lambda a: a.update(v=a["k"]), r"k and v share memory"),
+    "extras (pos, pos)": (lambda a: a.update(extras=[a["extras"][0], a["extras"][0]]),
+                          r"extras\[0\] and extras\[1\] share memory"),
+    "extra aliases scores": (lambda a: a.update(extras=[a["scores"].view(torch.int32)]), r"scores and extras\[0\] share memory"),
+    "extra aliases k": (lambda a: a.update(extras=[a["k"].view(-1)[: a["scores"].numel()].view(a["scores"].shape)]),
+                        r"k and extras\[0\] share memory"),
+    "v overlaps k partly": (lambda a: _overlapping_kv(a), r"k and v share memory"),
+}
+
+
+def _overlapping_kv(a):
+    n = a["k"].numel()
+    big = torch.randn(n + 32)
+    a.update(k=big[:n].view(a["k"].shape), v=big[32:].view(a["k"].shape))
+
+
+@pytest.mark.parametrize("name", list(ALIASED))
+def test_aliased_buffers_refused(name):
+    """compact_ moves every buffer in place: buffers sharing memory would be moved twice
+    (issue 13). Refused by the wrapper, and by the raw op, before anything is written."""
+    args = _good()
+    args["length"][1] = 64  # both rows over budget
+    mutate, pattern = ALIASED[name]
+    mutate(args)
+    before = [t.clone() for t in (args["k"], args["v"], args["scores"], args["length"])]
+    with pytest.raises(ValueError, match=pattern):
+        _call(args)
+    with pytest.raises(RuntimeError, match="share memory"):
+        torch.ops.inf_mllm.compact_(args["k"], args["v"], args["scores"], args["length"], list(args["extras"]),
+                                    32, 4, 8, False, False)
+    for x, y in zip(before, (args["k"], args["v"], args["scores"], args["length"])):
+        assert torch.equal(x.view(torch.int32) if x.is_floating_point() else x,
+                           y.view(torch.int32) if y.is_floating_point() else y)
+
+
+def test_disjoint_views_of_one_storage_allowed():
+    """k and v as the two halves of one allocation (no overlap) are fine."""
+    k, v, scores, length, extras = make_inputs(2, 2, 64, 32, [64, 40], torch.float32, extras=("int32",))
+    kv = torch.stack([k, v])
+    got = (kv[0], kv[1], scores.clone(), length.clone(), [extras[0].clone()])
+    exp = _clone(k, v, scores, length, extras)
+    ops.compact_(*got[:4], budget=32, n_sink=4, n_recent=8, reset_scores=False, extras=got[4])
+    compact_ref_(*exp[:4], budget=32, n_sink=4, n_recent=8, reset_scores=False, extras=exp[4])
+    assert_same(got, exp, "k/v halves of one storage")
+
+
 @pytest.mark.gpu
 def test_bad_inputs_mixed_devices(gpu_device):
     for key in ("v", "scores", "length"):

@@ -6,6 +6,9 @@ Three implementations on the same random shapes (never zeros):
   torch path on the CPU), scoring the last ``window`` queries, with or without RoPE on load;
 * ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` on the valid slots, no scores
   (the floor: what attention costs without scoring; GQA via ``enable_gqa`` where available);
+* ``sdpa_stacked``: the same SDPA with the ``G`` query heads of a KV head stacked as ``G * n``
+  rows of one problem (no ``enable_gqa``, no K/V copy), a lower floor on the CPU, where
+  ``enable_gqa`` measured up to 2x slower for decode;
 * ``eager_scores``: matmul + softmax + sum materialising the attention weights, i.e. what an
   H2O-style accumulation costs in plain PyTorch.
 
@@ -90,6 +93,18 @@ def _sdpa_fn(q, k, v, n: int, G: int):
     return lambda: F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask, **kw)
 
 
+def _sdpa_stacked_fn(q, k, v, n: int, G: int):
+    """SDPA with the GQA group stacked into the query rows: ``[B, Hkv, G * n, D]`` against the
+    shared K/V, bottom-right causal mask tiled over the group."""
+    B, Hq, _, D = q.shape
+    Hkv, L = k.shape[1], k.shape[2]
+    qs = q.reshape(B, Hkv, G * n, D)
+    mask = None
+    if n > 1:
+        mask = torch.ones(n, L, dtype=torch.bool, device=q.device).tril(L - n).repeat(G, 1)
+    return lambda: F.scaled_dot_product_attention(qs, k, v, attn_mask=mask)
+
+
 def _eager_scores_fn(q, k, v, scores, n: int, G: int, window: int, bias: float):
     """Materialise the attention weights, then H2O/Inf-MLLM style column sums."""
     B, Hq, _, D = q.shape
@@ -126,7 +141,7 @@ def bench_attention(
     window: int = 32,
     bias: float = 1e-3,
     rope: bool = True,
-    impls: Sequence[str] = ("inf_mllm", "sdpa", "eager_scores"),
+    impls: Sequence[str] = ("inf_mllm", "sdpa", "sdpa_stacked", "eager_scores"),
     warmup: int = 10,
     reps: int = 50,
     seed: int = 0,
@@ -164,6 +179,8 @@ def bench_attention(
                     )
                 elif impl == "sdpa":
                     fn = _sdpa_fn(q, k, v, n, G)
+                elif impl == "sdpa_stacked":
+                    fn = _sdpa_stacked_fn(q, k, v, n, G)
                 elif impl == "eager_scores":
                     fn = _eager_scores_fn(q, k, v, scores, n, G, window, bias)
                 else:
@@ -176,9 +193,9 @@ def bench_attention(
                         device=str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
                         dtype=str(dtype).replace("torch.", ""),
                         B=B, Hq=Hq, Hkv=Hkv, G=G, D=D, n=n, context=L,
-                        window=window if impl != "sdpa" else 0,
+                        window=window if impl not in ("sdpa", "sdpa_stacked") else 0,
                         rope=bool(rope) and impl == "inf_mllm",
-                        scores=impl != "sdpa",
+                        scores=impl not in ("sdpa", "sdpa_stacked"),
                         time_ms=ms,
                         kv_bytes=kv_bytes,
                         gbps=kv_bytes / (ms * 1e-3) / 1e9,

@@ -61,6 +61,22 @@ def run_ops_bench(
     from ..benchmarks.attention import bench_attention
     from ..benchmarks.compact import bench_compact
 
+    # refuse shapes the operators would reject (or divide by) before any allocation
+    for name, val in (("B", B), ("Hq", Hq), ("Hkv", Hkv), ("D", D), ("prefill_chunk", prefill_chunk)):
+        if not isinstance(val, int) or isinstance(val, bool) or val < 1:
+            raise ValueError(f"bench ops: {name} must be a positive int, got {val!r}")
+    if Hq % Hkv:
+        raise ValueError(f"bench ops: {Hq} query heads are not a multiple of {Hkv} key/value heads")
+    if D % 2:
+        raise ValueError(f"bench ops: the head dim must be even (RoPE), got {D}")
+    if not isinstance(window, int) or isinstance(window, bool) or window < 0:
+        raise ValueError(f"bench ops: window must be a non-negative int, got {window!r}")
+    if not sizes or any(not isinstance(c, int) or c < 1 for c in sizes):
+        raise ValueError(f"bench ops: cache sizes must be positive ints, got {list(sizes)!r}")
+    unknown = set(which) - {"attention", "compact"}
+    if unknown:
+        raise ValueError(f"bench ops: unknown operator(s) {sorted(unknown)}; known: attention, compact")
+
     cuda = str(device).startswith("cuda")
     bw = copy_bandwidth(device)
     reps = {} if cuda else {"warmup": 3, "reps": 10}
@@ -70,7 +86,7 @@ def run_ops_bench(
         for mode, n in (("decode", 1), ("prefill", prefill_chunk)):
             for C in sizes:
                 # one call per (size, impl): an out-of-memory eager path loses only its own row
-                for impl in ("inf_mllm", "sdpa", "eager_scores"):
+                for impl in ("inf_mllm", "sdpa", "sdpa_stacked", "eager_scores"):
                     try:
                         got = bench_attention(device, dtype, contexts=(C,), B=B, Hkv=Hkv, G=Hq // Hkv, D=D, n=n,
                                               window=window, impls=(impl,), **reps)
