@@ -72,7 +72,7 @@ class StreamingLayer(CacheLayerMixin):
         cache = self.cache
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        impl = cache._attn_impl()
+        impl = cache._attn_impl() if self.layer_idx == 0 else None  # once per forward
         if impl is not None and impl != ATTN_IMPL:
             raise RuntimeError(
                 f"inf_mllm: StreamingCache needs the model's attn_implementation to be {ATTN_IMPL!r} (got {impl!r}); "
