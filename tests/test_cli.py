@@ -159,7 +159,9 @@ def test_retrieval_cases_deterministic():
 
     from inf_mllm.evals.retrieval import make_retrieval_case
 
-    tok = engine.ByteTokenizer()
+    from inf_mllm.models import byte_tokenizer
+
+    tok = byte_tokenizer()
     a = make_retrieval_case(tok, context=500, distance=100, rng=random.Random("7-100"))
     b = make_retrieval_case(tok, context=500, distance=100, rng=random.Random("7-100"))
     assert a == b
