@@ -26,7 +26,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 __all__ = ["main", "build_parser", "UsageError"]
 
 DEFAULT_POLICIES = "full,h2o,streaming_llm,inf_mllm"
-STREAM_POLICIES = "transformers,full,h2o,streaming_llm,inf_mllm"
+STREAM_POLICIES = "transformers,full,streaming_llm,inf_mllm"
 
 
 class UsageError(Exception):
@@ -258,9 +258,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(p)
     _add_policy(p, STREAM_POLICIES)
     _add_text(p, ("austen", "kjv", "random"))
-    p.add_argument("--max-tokens", type=size_arg(2), default=None, help="longest stream (default 8K on CPU, 1M on GPU)")
-    p.add_argument("--min-tokens", type=size_arg(2), default="1K", help="first checkpoint (default 1K); checkpoints double")
-    p.add_argument("--decode-steps", type=int_arg(1), default=8, help="decode steps timed at each checkpoint (median; default 8)")
+    p.add_argument("--max-tokens", type=size_arg(2), default=None, help="longest stream (default 4K on CPU, 1M on GPU)")
+    p.add_argument("--min-tokens", type=size_arg(2), default=None, help="first checkpoint (default 1K); checkpoints double")
+    p.add_argument("--checkpoints", type=size_list_arg(2), default=None,
+                   help="stream lengths to measure at, e.g. 1K,2K,3K,4K (default on CPU without --max-tokens/--min-tokens: "
+                   "1K,2K,3K,4K; otherwise doubling from --min-tokens to --max-tokens)")
+    p.add_argument("--decode-steps", type=int_arg(1), default=8,
+                   help="decode steps timed at each checkpoint (best and median reported; default 8)")
     p.add_argument("--seed", type=int, default=0, help="seed of --corpus random")
     p.set_defaults(func=cmd_bench_stream, check=_check_bench_stream, extra_policies=("transformers",))
 
@@ -398,13 +402,29 @@ def _check_bench_ops(args) -> None:
         raise UsageError(f"--prefill-chunk {args.prefill_chunk} is larger than the smallest cache size {min(args.sizes)}")
 
 
-def _check_bench_stream(args) -> None:
-    from .evals.common import fmt_tokens
+def stream_checkpoints(args, cuda: bool) -> List[int]:
+    """The checkpoints of ``bench stream``: ``--checkpoints``; else doubling from ``--min-tokens``
+    (1K) to ``--max-tokens`` (1M on GPU); on the CPU with neither given, 1K,2K,3K,4K (evenly
+    spaced on the plots' linear axis, ~2-3 minutes with the default policies)."""
+    from .evals.common import doubling, fmt_tokens
 
-    if args.max_tokens is not None and args.min_tokens > args.max_tokens:
-        raise UsageError(f"--min-tokens {fmt_tokens(args.min_tokens)} is larger than --max-tokens {fmt_tokens(args.max_tokens)}")
-    if args.min_tokens <= args.decode_steps:
-        raise UsageError(f"--min-tokens ({args.min_tokens}) must be larger than --decode-steps ({args.decode_steps})")
+    if args.checkpoints:
+        return list(args.checkpoints)
+    if not cuda and args.max_tokens is None and args.min_tokens is None:
+        return [1024, 2048, 3072, 4096]
+    hi = args.max_tokens or (1 << 20 if cuda else 4096)
+    lo = args.min_tokens or min(1024, hi)
+    if lo > hi:
+        raise UsageError(f"--min-tokens {fmt_tokens(lo)} is larger than --max-tokens {fmt_tokens(hi)}")
+    return doubling(lo, hi)
+
+
+def _check_bench_stream(args) -> None:
+    if args.checkpoints and (args.min_tokens is not None or args.max_tokens is not None):
+        raise UsageError("give --checkpoints or --min-tokens/--max-tokens, not both")
+    first = min(stream_checkpoints(args, cuda=False))
+    if first <= args.decode_steps:
+        raise UsageError(f"--decode-steps ({args.decode_steps}) must be smaller than the first checkpoint ({first} tokens)")
 
 
 def _check_bench_video(args) -> None:
@@ -588,12 +608,12 @@ def cmd_bench_stream(args) -> int:
     dev = _setup(args)
     cuda = dev.startswith("cuda")
     notes = []
-    max_tokens = args.max_tokens or (1 << 20 if cuda else 8192)
-    if not args.max_tokens and not cuda:
-        notes.append("CPU run: default --max-tokens 8K (1M on GPU)")
-    if args.min_tokens > max_tokens:
-        raise UsageError(f"--min-tokens {fmt_tokens(args.min_tokens)} is larger than --max-tokens {fmt_tokens(max_tokens)}")
-    checkpoints = doubling(args.min_tokens, max_tokens)
+    checkpoints = stream_checkpoints(args, cuda)
+    max_tokens = checkpoints[-1]
+    if not cuda and args.max_tokens is None and args.min_tokens is None and not args.checkpoints:
+        notes.append("CPU run: default checkpoints 1K,2K,3K,4K (GPU: 1K to 1M, doubling)")
+    if checkpoints[0] <= args.decode_steps:
+        raise UsageError(f"--decode-steps ({args.decode_steps}) must be smaller than the first checkpoint ({checkpoints[0]})")
     text = None if (args.corpus == "random" and not args.text) else _load_text(args)
     bundle = _load(args, dev)
     text_ids, text_name = None, None
@@ -610,8 +630,10 @@ def cmd_bench_stream(args) -> int:
     from .api import DEFAULT_CHUNK
 
     notes.append(f"stream source: {res['source']}; prefill chunk {args.chunk or DEFAULT_CHUNK}; policies run interleaved; "
-                 f"{args.decode_steps} decode steps timed per checkpoint, the last {args.decode_steps} tokens of each "
-                 "checkpoint (median)")
+                 f"{args.decode_steps} decode steps timed per checkpoint (the last {args.decode_steps} tokens of each "
+                 "checkpoint); latency_min_ms is the best of them (the least disturbed by other jobs), latency_ms "
+                 "the median; relative = latency_min_ms / the best time of a 1-token forward without cache timed in "
+                 "the same rounds (what the context costs, with the machine's changing load divided out; plotted)")
     if "transformers" in policies:
         notes.append("transformers: the plain model, transformers' default attention (SDPA) and DynamicCache")
     if not cuda:
@@ -623,9 +645,16 @@ def cmd_bench_stream(args) -> int:
     budget = (res["rows"][0].get("args") or {}).get("budget") if res["rows"] else None
     budget = next((r["args"].get("budget") for r in res["rows"] if r.get("args") and r["policy"] not in GROWING), budget)
     what = f"budget {budget} slots" if budget else ""
-    lat = {p: (s["tokens"], s["latency_ms"]) for p, s in ser.items()}
-    plot_lines(_out_path(args, "bench_stream_latency", "png"), lat, xlabel="tokens in the stream",
-               ylabel="decode latency (ms/token, median)", title=f"{bundle.name}: decode latency ({what}, {res['source']})",
+    rel = {p: (s["tokens"], s["relative"]) for p, s in ser.items()}
+    plot_lines(_out_path(args, "bench_stream_latency", "png"), rel, xlabel="tokens in the stream",
+               ylabel="decode time per token / time of a step without context",
+               title=f"{bundle.name}: decode cost vs context ({what}, {res['source']}; 1.0 = no context)",
+               from_zero=True, xticks=checkpoints)
+    lat = {p: (s["tokens"], s["latency_min_ms"]) for p, s in ser.items()}
+    lat["reference (no context)"] = (res["reference"]["tokens"], res["reference"]["latency_min_ms"])
+    plot_lines(_out_path(args, "bench_stream_latency_ms", "png"), lat, xlabel="tokens in the stream",
+               ylabel=f"decode latency (ms/token, best of {args.decode_steps})",
+               title=f"{bundle.name}: decode latency in ms ({what}); the reference shows the machine's load",
                from_zero=True, xticks=checkpoints)
     memkey = "peak_MiB" if cuda else "cache_MiB"
     mem = {p: (s["tokens"], s[memkey]) for p, s in ser.items()}
@@ -636,9 +665,9 @@ def cmd_bench_stream(args) -> int:
         rss = {"process": (ser[policies[0]]["tokens"], ser[policies[0]]["rss_MiB"])} if ser.get(policies[0]) else {}
         plot_lines(_out_path(args, "bench_stream_rss", "png"), rss, xlabel="tokens in the stream", ylabel="process RSS (MiB)",
                    title=f"{bundle.name}: process RSS (one process, all caches alive)", from_zero=True, xticks=checkpoints)
-    cols = ["policy", "tokens", "latency_ms", "latency_min_ms", "cache_slots", "cache_MiB"] + \
+    cols = ["policy", "tokens", "relative", "latency_ms", "latency_min_ms", "cache_slots", "cache_MiB"] + \
         (["peak_MiB"] if cuda else ["rss_MiB"]) + ["status"]
-    summary = summary_line(ser)
+    summary = summary_line(ser, "relative")
     res["summary"] = summary
     _finish(args, dev, "bench_stream", res, model=bundle.info, policy=pol_args, notes=notes, columns=cols,
             title=f"bench stream: {bundle.name} on {dev}")
@@ -800,7 +829,7 @@ def cmd_eval_rounds(args) -> int:
 _ORDER = ["bench_ops", "bench_stream", "bench_video", "eval_ppl", "eval_retrieval", "eval_rounds"]
 _PLOTS = {
     "bench_ops": ["bench_ops"],
-    "bench_stream": ["bench_stream_latency", "bench_stream_memory", "bench_stream_rss"],
+    "bench_stream": ["bench_stream_latency", "bench_stream_latency_ms", "bench_stream_memory", "bench_stream_rss"],
     "eval_ppl": ["eval_ppl", "eval_ppl_blocks"],
     "eval_retrieval": ["eval_retrieval"],
     "eval_rounds": ["eval_rounds_acc", "eval_rounds_mem"],

@@ -191,21 +191,39 @@ def test_eval_rounds(tmp_path, text_file):
             assert all(x["cache_slots"] <= 256 + 64 for x in recs)
 
 
-def test_bench_stream(tmp_path):
-    _run(["bench", "stream", *SMALL, "--max-tokens", "1K", "--min-tokens", "256", "--decode-steps", "2"], tmp_path)
+def test_bench_stream(tmp_path, text_file, capsys):
+    args = [a if a != ",".join(POLICIES) else "transformers," + ",".join(POLICIES) for a in SMALL]
+    _run(["bench", "stream", *args, "--text", text_file, "--max-tokens", "1K", "--min-tokens", "256", "--decode-steps", "2"],
+         tmp_path)
     d = _load(tmp_path, "bench_stream")
-    for stem in ("bench_stream_latency", "bench_stream_memory", "bench_stream_rss"):
+    for stem in ("bench_stream_latency", "bench_stream_latency_ms", "bench_stream_memory", "bench_stream_rss"):
         _png(tmp_path, stem)
-    assert _policies_of(d["rows"]) == set(POLICIES)
+    assert _policies_of(d["rows"]) == set(POLICIES) | {"transformers"}
     ok = [r for r in d["rows"] if r["status"] == "ok"]
     assert {r["tokens"] for r in ok} == {256, 512, 1024}
     for r in ok:
-        assert r["latency_ms"] > 0 and r["cache_MiB"] > 0 and r["rss_MiB"] > 0
-        if r["policy"] != "full":
+        assert r["latency_ms"] > 0 and r["cache_MiB"] > 0 and r["rss_MiB"] > 0 and r["relative"] > 0
+        if r["policy"] not in ("full", "transformers"):
             assert r["cache_slots"] <= 256 + 64
-    if "full" in POLICIES:
-        full = {r["tokens"]: r["cache_slots"] for r in ok if r["policy"] == "full"}
-        assert full[1024] > full[256]
+    for grows in ("full", "transformers"):
+        slots = {r["tokens"]: r["cache_slots"] for r in ok if r["policy"] == grows}
+        assert slots == {256: 256, 512: 512, 1024: 1024}  # the stream length after the timed steps
+    assert d["reference"]["tokens"] == [256, 512, 1024] and min(d["reference"]["latency_min_ms"]) > 0
+    assert d["source"].startswith("small.txt")
+    out = capsys.readouterr().out
+    assert "decode cost at 1K tokens vs at 256" in out and "transformers" in out
+
+
+def test_bench_stream_stops_growing_caches_at_trained_context(tmp_path):
+    # tiny-random is configured for 2048 positions: full and transformers stop there, the others go on
+    _run(["bench", "stream", "--model", "tiny-random", "--policies", "transformers,full,streaming_llm", "--budget", "128",
+          "--chunk", "64", "--corpus", "random", "--checkpoints", "1K,2K,3K", "--decode-steps", "2", "--no-progress"], tmp_path)
+    d = _load(tmp_path, "bench_stream")
+    by = {(r["policy"], r["tokens"]): r["status"] for r in d["rows"]}
+    for grows in ("transformers", "full"):
+        assert by[(grows, 2048)] == "ok" and "trained context" in by[(grows, 3072)]
+    assert by[("streaming_llm", 3072)] == "ok"
+    assert any("stopped at 3K tokens" in n for n in d["meta"]["notes"])
 
 
 def test_bench_ops(tmp_path):
@@ -309,7 +327,10 @@ MISTAKES = [
     (["bench", "stream", "--min-tokens", "-1K"], "--min-tokens"),
     (["bench", "stream", "--min-tokens", "0"], "--min-tokens"),
     (["bench", "stream", "--min-tokens", "4K", "--max-tokens", "1K"], "larger than --max-tokens"),
+    (["bench", "stream", "--checkpoints", "1K,0"], "--checkpoints"),
+    (["bench", "stream", "--checkpoints", "1K,2K", "--max-tokens", "4K"], "not both"),
     (["bench", "stream", "--min-tokens", "8", "--decode-steps", "8"], "--decode-steps"),
+    (["bench", "stream", "--max-tokens", "16", "--decode-steps", "16"], "--decode-steps"),
     (["bench", "stream", "--model", "/nonexistent"], "no such file or directory"),
     (["bench", "stream", "--model", "no-such-model"], "unknown model"),
     (["bench", "stream", "--text", "/nonexistent.txt"], "no such file"),

@@ -9,6 +9,12 @@ hits all policies alike and the comparison at a checkpoint stays fair. The last
 ``decode_steps`` tokens of each checkpoint are the decoded ones: "tokens" is the stream length
 after the timed steps, so a model trained for 8192 positions is measured up to 8K exactly.
 
+A reference is timed in the same rounds: one forward of a single token with no cache (the
+model's cost per token when there is no context to attend to). ``relative`` = a policy's best
+decode time / the reference's best time in the same rounds: what the context costs, with the
+machine's speed at that moment divided out (on a shared machine the load changes between
+checkpoints, and raw milliseconds then mix the two).
+
 Memory: the cache's tensor bytes (``cache_MiB``; for ``transformers`` the DynamicCache's keys and
 values), the process RSS on the CPU (one process, all caches alive together: it only grows),
 and on CUDA ``max_memory_allocated`` since the previous checkpoint.
@@ -28,6 +34,7 @@ from .engine import TRANSFORMERS, ModelBundle, PolicyRunner, free_memory, is_oom
 __all__ = ["run_stream_bench", "summary_line"]
 
 GROWING = ("full", TRANSFORMERS)
+REFERENCE = "reference"
 
 
 def run_stream_bench(
@@ -61,8 +68,10 @@ def run_stream_bench(
     runners = {p: PolicyRunner(bundle, p, policy_args, chunk=chunk) for p in policies}
     caches, fed, last, length, stopped = {}, {}, {}, {}, {}
     series: Dict[str, Dict[str, list]] = {
-        p: {"tokens": [], "latency_ms": [], "latency_min_ms": [], "peak_MiB": [], "cache_MiB": [], "rss_MiB": [],
-            "cache_slots": []} for p in policies}
+        p: {"tokens": [], "latency_ms": [], "latency_min_ms": [], "relative": [], "peak_MiB": [], "cache_MiB": [],
+            "rss_MiB": [], "cache_slots": []} for p in policies}
+    ref_runner = PolicyRunner(bundle, TRANSFORMERS, {}, chunk=chunk)
+    reference: Dict[str, list] = {"tokens": [], "latency_min_ms": []}
     rows: List[Dict[str, Any]] = []
     free_memory(dev)
     for p, r in runners.items():
@@ -99,12 +108,21 @@ def run_stream_bench(
                 live.remove(p)
                 caches.pop(p, None)
                 free_memory(dev)
-        # timed decode steps, one per policy per round, rotating the order
-        times: Dict[str, List[float]] = {p: [] for p in live}
+        # timed decode steps, one per policy (and the reference) per round, rotating the order
+        times: Dict[str, List[float]] = {p: [] for p in live + [REFERENCE]}
         tok = {p: int(torch.argmax(last[p])) for p in live}
+        order = live + [REFERENCE]
         for step in range(decode_steps):
-            k = step % max(1, len(live))
-            for p in live[k:] + live[:k]:
+            k = step % len(order)
+            for p in order[k:] + order[:k]:
+                if p == REFERENCE:
+                    with ref_runner.active(), torch.inference_mode():
+                        ids = torch.tensor([[tok[live[0]] if live else 0]], device=dev)
+                        sync(dev)
+                        t0 = time.perf_counter()
+                        int(torch.argmax(bundle.model(input_ids=ids, use_cache=False, logits_to_keep=1).logits))
+                        times[p].append(time.perf_counter() - t0)
+                    continue
                 r = runners[p]
                 with r.active():
                     sync(dev)
@@ -114,31 +132,35 @@ def run_stream_bench(
                     times[p].append(time.perf_counter() - t0)
                 last[p] = logits
                 length[p] += 1
+        ref_ms = min(times[REFERENCE]) * 1e3
+        reference["tokens"].append(c)
+        reference["latency_min_ms"].append(ref_ms)
         peak = torch.cuda.max_memory_allocated() if cuda else None
         rss = process_rss()
         for p in live:
             r = runners[p]
             lat = statistics.median(times[p]) * 1e3
             row = {"policy": p, "tokens": length[p], "latency_ms": lat, "latency_min_ms": min(times[p]) * 1e3,
+                   "relative": min(times[p]) * 1e3 / ref_ms,
                    "cache_slots": r.cache_len(caches[p]), "cache_MiB": r.cache_bytes(caches[p]) / 2**20,
                    "peak_MiB": peak / 2**20 if peak is not None else None, "rss_MiB": rss / 2**20, "status": "ok",
                    "args": r.effective_args or r.policy_args}
             rows.append(row)
             ser = series[p]
-            for key in ("tokens", "latency_ms", "latency_min_ms", "peak_MiB", "cache_MiB", "rss_MiB", "cache_slots"):
+            for key in ("tokens", "latency_ms", "latency_min_ms", "relative", "peak_MiB", "cache_MiB", "rss_MiB", "cache_slots"):
                 ser[key].append(row[key])
     bar.close()
     caches.clear()
     free_memory(dev)
     rows.sort(key=lambda r: (list(policies).index(r["policy"]), r["tokens"]))
-    return {"rows": rows, "series": series, "checkpoints": checkpoints, "decode_steps": decode_steps,
-            "source": source, "max_context": max_ctx, "policies": list(policies)}
+    return {"rows": rows, "series": series, "reference": reference, "checkpoints": checkpoints,
+            "decode_steps": decode_steps, "source": source, "max_context": max_ctx, "policies": list(policies)}
 
 
-def summary_line(series: Dict[str, Dict[str, list]], key: str = "latency_ms") -> Optional[str]:
-    """``at 8K tokens: inf_mllm 1.0x its 1K latency, full 1.9x, ...; cache 34 MiB (inf_mllm) vs 412 MiB (full)``.
-
-    Taken at the last checkpoint every policy reached; ``None`` when there is nothing to compare."""
+def summary_line(series: Dict[str, Dict[str, list]], key: str = "relative") -> Optional[str]:
+    """``decode cost at 4K tokens vs at 1K (...): transformers 1.60x, ..., inf_mllm 1.00x; cache at 4K:
+    180 MiB (transformers), ...``: ``key`` at the last checkpoint every policy reached over ``key``
+    at the first one; ``None`` when there is nothing to compare."""
     from .common import fmt_tokens
 
     ok = {p: s for p, s in series.items() if s["tokens"]}
@@ -153,7 +175,8 @@ def summary_line(series: Dict[str, Dict[str, list]], key: str = "latency_ms") ->
         i0, i1 = s["tokens"].index(first), s["tokens"].index(end)
         a, b = s[key][i0], s[key][i1]
         if a and b:
-            parts.append(f"{p} {b / a:.1f}x")
+            parts.append(f"{p} {b / a:.2f}x")
         mem.append(f"{s['cache_MiB'][i1]:.0f} MiB ({p})")
-    return (f"at {fmt_tokens(end)} tokens, decode latency vs its own at {fmt_tokens(first)}: " + ", ".join(parts)
-            + "; cache " + ", ".join(mem))
+    what = " (decode time relative to a step without context, timed in the same rounds)" if key == "relative" else ""
+    return (f"decode cost at {fmt_tokens(end)} tokens vs at {fmt_tokens(first)}{what}: " + ", ".join(parts)
+            + f"; cache at {fmt_tokens(end)}: " + ", ".join(mem))
