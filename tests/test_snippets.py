@@ -17,12 +17,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SUBSTITUTIONS = {
     "README.md": [
-        ('load_corpus("austen")[:100_000]', 'load_corpus("austen")[:12_000]'),
+        ('load_corpus("austen")[:100_000]', 'load_corpus("austen")[:6_000]'),
         ("for i in range(300):", "for i in range(30):"),
         ("if (i + 1) % 100 == 0:", "if (i + 1) % 10 == 0:"),
     ],
     os.path.join("docs", "usage.md"): [
-        ('load_corpus("austen")[:60_000]', 'load_corpus("austen")[:20_000]'),
+        ('load_corpus("austen")[:60_000]', 'load_corpus("austen")[:6_000]'),
         ("for i in range(300):", "for i in range(30):"),
         ("if (i + 1) % 100 == 0:", "if (i + 1) % 10 == 0:"),
     ],
