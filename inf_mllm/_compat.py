@@ -201,7 +201,12 @@ def video_features(model, pixel_values_videos: torch.Tensor, **kwargs) -> Option
     fn = getattr(model, "get_video_features", None) or getattr(getattr(model, "model", None), "get_video_features", None)
     if fn is None:
         return None
-    feats = _features_list(fn(pixel_values_videos=pixel_values_videos, **kwargs))
+    import inspect
+
+    # the argument is `pixel_values_videos` in recent transformers, `pixel_values` in older 5.x (5.13)
+    params = inspect.signature(fn).parameters
+    key = "pixel_values_videos" if "pixel_values_videos" in params or "pixel_values" not in params else "pixel_values"
+    feats = _features_list(fn(**{key: pixel_values_videos}, **kwargs))
     return torch.cat([f.reshape(-1, f.shape[-1]) for f in feats], 0)
 
 

@@ -514,9 +514,12 @@ def _load(args, device):
 def _finish(args, device, kind, payload, *, model=None, policy=None, notes=(), columns=None, title=""):
     from .results import make_meta, print_table, write_json
 
+    import time
+
     meta = make_meta(f"{args.group} {args.cmd}", device=device, model=model, policy=policy, argv=args._argv,
-                     args={k: v for k, v in vars(args).items() if k not in ("func", "check", "_argv", "_out")},
+                     args={k: v for k, v in vars(args).items() if k not in ("func", "check", "_argv", "_out", "_t0")},
                      notes=list(notes) + list(payload.get("notes", [])))
+    meta["seconds"] = round(time.perf_counter() - args._t0, 1) if getattr(args, "_t0", None) else None
     payload = dict(payload, kind=kind, meta=meta)
     table = print_table(payload["rows"], columns=columns, title=title)
     payload["table"] = table
@@ -524,6 +527,10 @@ def _finish(args, device, kind, payload, *, model=None, policy=None, notes=(), c
         print(f"note: {n}")
     path = write_json(_out_path(args, kind, "json"), payload)
     print(f"wrote {path}")
+    if payload.get("summary"):
+        print(payload["summary"])
+    if meta["seconds"] is not None:
+        print(f"took {meta['seconds']:.0f} s")
     return path
 
 
@@ -598,13 +605,10 @@ def cmd_bench_ops(args) -> int:
 
 
 def cmd_bench_stream(args) -> int:
-    import time
-
-    from .evals.common import doubling, fmt_tokens
+    from .evals.common import fmt_tokens
     from .evals.stream_bench import GROWING, run_stream_bench, summary_line
     from .results import plot_lines
 
-    t_start = time.perf_counter()
     dev = _setup(args)
     cuda = dev.startswith("cuda")
     notes = []
@@ -671,9 +675,6 @@ def cmd_bench_stream(args) -> int:
     res["summary"] = summary
     _finish(args, dev, "bench_stream", res, model=bundle.info, policy=pol_args, notes=notes, columns=cols,
             title=f"bench stream: {bundle.name} on {dev}")
-    if summary:
-        print(summary)
-    print(f"took {time.perf_counter() - t_start:.0f} s")
     return 0
 
 
@@ -907,6 +908,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = ap.parse_args(argv)  # a bad value: one line, exit 2
     args._argv = ["inf-mllm"] + argv
+    import time
+
+    args._t0 = time.perf_counter()
     try:
         validate(args)
         return int(args.func(args) or 0)

@@ -7,8 +7,8 @@ a local checkpoint directory works too.
 
 A GGUF file is converted **once** into a local checkpoint (``model.safetensors`` in float32, the
 exact de-quantised weights, + config + tokenizer files) under
-``$INF_MLLM_CACHE/checkpoints/<name>-<sha256 prefix>/`` (default ``~/.cache/inf_mllm``), keyed by
-the SHA-256 of the GGUF file; later loads read that checkpoint in about a second instead of
+``$INF_MLLM_CACHE/checkpoints/<name>-<sha256 prefix>-tf<version>/`` (default ``~/.cache/inf_mllm``),
+keyed by the SHA-256 of the GGUF file and the transformers version that converted it; later loads read that checkpoint in about a second instead of
 de-quantising the GGUF again (transformers reads it three times: config, tokenizer, weights).
 
 ``load_model("tiny-random")``: a 2-layer random Llama with a byte-level tokenizer, built in
@@ -184,8 +184,8 @@ def _say(msg: str) -> None:
 def local_checkpoint(gguf: str, progress: bool = True) -> str:
     """Directory of the local checkpoint converted from ``gguf`` (converted now if not cached).
 
-    Keyed by the SHA-256 of the GGUF file (about 1 s per GB to compute), so a changed file is
-    converted again. Written to a temporary directory and renamed into place: an interrupted or
+    Keyed by the SHA-256 of the GGUF file (0.08 s for SmolLM2's 93 MiB) and the transformers
+    version, so a changed file or a new transformers converts again. Written to a temporary directory and renamed into place: an interrupted or
     concurrent conversion never leaves a half-written checkpoint behind.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -193,8 +193,12 @@ def local_checkpoint(gguf: str, progress: bool = True) -> str:
     gguf = os.path.abspath(gguf)
     digest = _sha256(gguf)
     stem = os.path.basename(gguf)[: -len(".gguf")] if gguf.endswith(".gguf") else os.path.basename(gguf)
+    import transformers
+
     root = os.path.join(_cache_dir(), "checkpoints")
-    final = os.path.join(root, f"{stem}-{digest[:16]}")
+    # the conversion is transformers' GGUF reader (its tokenizer metadata changed between 5.x
+    # releases), so a new transformers converts again
+    final = os.path.join(root, f"{stem}-{digest[:16]}-tf{transformers.__version__}")
     if os.path.isfile(os.path.join(final, "config.json")):
         return final
     os.makedirs(root, exist_ok=True)

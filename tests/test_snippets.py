@@ -12,6 +12,7 @@ import re
 
 import pytest
 import torch
+from _model import smollm  # noqa: F401  (session fixture)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -40,6 +41,11 @@ def _substitute(path, code: str) -> str:
         n = code.count(old)
         assert n == 1, f"{path}: the substitution {old!r} matches {n} times; update SUBSTITUTIONS"
         code = code.replace(old, new)
+    from inf_mllm._compat import CACHE_KW
+
+    if CACHE_KW != "cache":  # transformers < 5.24: what the docs say to write there
+        code = "\n".join(re.sub(r"\bcache=", f"{CACHE_KW}=", ln) if re.search(r"(?<![\w.])model\.generate\(|(?<![\w.])model\(", ln)
+                         else ln for ln in code.splitlines())
     return code
 
 
@@ -57,9 +63,6 @@ def shared_smollm(monkeypatch, smollm):  # noqa: F811
     monkeypatch.setattr(models, "load_model", load)
     monkeypatch.setattr(inf_mllm, "load_model", load, raising=False)
     return smollm
-
-
-from _model import smollm  # noqa: E402,F401  (session fixture)
 
 
 @pytest.mark.parametrize("path", list(SUBSTITUTIONS))
