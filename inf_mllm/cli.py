@@ -496,7 +496,10 @@ def default_out_dir(args) -> str:
     return out
 
 
-def _out_path(args, stem: str, ext: str) -> str:
+def _out_path(args, *parts: str) -> str:
+    """``<out>/<stem>[_<tag>].<ext>`` for ``_out_path(args, stem, ext)`` (the older form
+    ``_out_path(args, device, stem, ext)`` is accepted too)."""
+    stem, ext = parts[-2:]
     if not getattr(args, "_out", None):
         args._out = args.out or default_out_dir(args)
     os.makedirs(args._out, exist_ok=True)

@@ -37,10 +37,12 @@ def parse_size(s, *, minimum: Optional[int] = None, name: str = "size") -> int:
 
 
 def parse_int_list(s: Optional[str], *, minimum: Optional[int] = None, name: str = "list") -> Optional[List[int]]:
-    """``"256,1K,4K"`` -> ``[256, 1024, 4096]`` (``None`` for ``None``/empty)."""
+    """``"256,1K,4K"`` -> ``[256, 1024, 4096]`` (``None`` for ``None``/empty; a list passes through
+    checked, e.g. a value the CLI already parsed)."""
     if s is None or s == "":
         return None
-    out = [parse_size(x, minimum=minimum, name=name) for x in str(s).split(",") if x.strip()]
+    items = list(s) if isinstance(s, (list, tuple)) else [x for x in str(s).split(",") if x.strip()]
+    out = [parse_size(x, minimum=minimum, name=name) for x in items]
     if not out:
         raise ValueError(f"{name}: no value in {s!r}")
     return out

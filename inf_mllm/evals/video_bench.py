@@ -95,7 +95,7 @@ def run_video_bench(model, processor, *, policies: Sequence[str], policy_args: D
         if cuda:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-        s = Session(model, None, processor=processor, policy=policy, chunk=chunk, **kw)
+        s = Session(model, None, processor=processor, policy=policy, chunk=chunk, progress=False, **kw)
         frames = read_frames(path, every=every, max_frames=n_max, size=frame_size, loop=True)
         ser = {k: [] for k in ("frames", "fps", "cache_MiB", "rss_MiB", "peak_MiB", "cache_slots")}
         done = 0
