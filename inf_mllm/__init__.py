@@ -7,6 +7,9 @@ _LAZY = {
     "StreamingCache": ("cache", "StreamingCache"),
     "enable": ("api", "enable"),
     "stream": ("streaming", "stream"),
+    "generate": ("streaming", "generate"),
+    "greedy": ("streaming", "greedy"),
+    "CACHE_KW": ("_compat", "CACHE_KW"),
     "Session": ("session", "Session"),
     "load_model": ("models", "load_model"),
     "policies": ("policies", None),
@@ -21,7 +24,7 @@ def __getattr__(name):
 
         mod_name, attr = _LAZY[name]
         mod = importlib.import_module(f".{mod_name}", __name__)
-        if mod_name in ("cache", "streaming", "session", "api"):
+        if mod_name in ("cache", "streaming", "session", "api", "_compat"):
             importlib.import_module(".attention", __name__)
         return mod if attr is None else getattr(mod, attr)
     raise AttributeError(f"module 'inf_mllm' has no attribute {name!r}")

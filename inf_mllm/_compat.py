@@ -19,15 +19,36 @@ except ImportError as e:  # pragma: no cover
         "inf_mllm's transformers integration needs transformers>=5.0,<6: pip install 'transformers>=5.0,<6'"
     ) from e
 
-TRANSFORMERS_RANGE = (">=5.0", "<6")
-_major = int(transformers.__version__.split(".")[0])
-if _major != 5:  # pragma: no cover
+
+def _version_tuple(v: str):
+    """``"5.24.0"`` -> ``(5, 24, 0)``; pre-release suffixes (``5.25.0.dev0``, ``5.24.0rc1``) are dropped."""
+    import re
+
+    nums = [int(m.group(0)) if m else 0 for m in (re.match(r"\d+", part) for part in v.split(".")[:3])]
+    return tuple(nums + [0] * (3 - len(nums)))
+
+
+TRANSFORMERS_VERSION = _version_tuple(transformers.__version__)
+if TRANSFORMERS_VERSION[0] != 5:  # pragma: no cover
     raise ImportError(
         f"inf_mllm supports transformers>=5.0,<6, found {transformers.__version__}: "
         "pip install 'transformers>=5.0,<6'"
     )
 
+# The keyword that passes a cache to ``forward``/``generate``. transformers 5.24 renamed
+# ``past_key_values`` to ``cache`` (the old name warns, and goes from ``forward`` in 5.40 and
+# from ``generate`` in 6.0); 5.0-5.23 know only ``past_key_values``.
+CACHE_KW = "cache" if TRANSFORMERS_VERSION >= (5, 24, 0) else "past_key_values"
+
+
+def cache_kwargs(cache) -> dict:
+    """``{CACHE_KW: cache}``: the cache as the installed transformers wants it passed."""
+    return {CACHE_KW: cache}
+
 __all__ = [
+    "CACHE_KW",
+    "TRANSFORMERS_VERSION",
+    "cache_kwargs",
     "Cache",
     "CacheLayerMixin",
     "register_attention",
@@ -180,7 +201,12 @@ def video_features(model, pixel_values_videos: torch.Tensor, **kwargs) -> Option
     fn = getattr(model, "get_video_features", None) or getattr(getattr(model, "model", None), "get_video_features", None)
     if fn is None:
         return None
-    feats = _features_list(fn(pixel_values_videos=pixel_values_videos, **kwargs))
+    import inspect
+
+    # the argument is `pixel_values_videos` in recent transformers, `pixel_values` in older 5.x (5.13)
+    params = inspect.signature(fn).parameters
+    key = "pixel_values_videos" if "pixel_values_videos" in params or "pixel_values" not in params else "pixel_values"
+    feats = _features_list(fn(**{key: pixel_values_videos}, **kwargs))
     return torch.cat([f.reshape(-1, f.shape[-1]) for f in feats], 0)
 
 

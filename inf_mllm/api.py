@@ -1,12 +1,17 @@
 """``inf_mllm.enable``: one line to stream a transformers model in a fixed-size cache."""
 from __future__ import annotations
 
+import inspect
 from typing import Optional, Union
 
 from . import attention  # noqa: F401  (registers the "inf_mllm" attention)
 from ._compat import set_attn_implementation, unsupported_reason
 from .cache import ATTN_IMPL, StreamingCache
 from .policies import Policy, make_policy
+
+# The default prefill chunk: defined once, by the policies (``Policy.__init__``); read here so
+# that the CLI and the docs can name it.
+DEFAULT_CHUNK: int = inspect.signature(Policy.__init__).parameters["chunk"].default
 
 
 def enable(
@@ -18,15 +23,18 @@ def enable(
     window: Optional[int] = None,
     bias: Optional[float] = None,
     n_sink: Optional[int] = None,
-    chunk: int = 512,
+    chunk: Optional[int] = None,
     **policy_args,
 ) -> StreamingCache:
     """Switch ``model`` to the ``"inf_mllm"`` attention and return a fresh :class:`StreamingCache`.
 
-    Arguments left ``None`` take the policy's defaults (SPEC §5). Raises ``ValueError`` /
-    ``TypeError`` at once for bad arguments and unsupported models, naming the reason.
+    Arguments left ``None`` take the policy's defaults (SPEC §5; ``chunk``, the largest prefill
+    chunk the cache makes room for: :data:`DEFAULT_CHUNK`). Raises ``ValueError`` / ``TypeError``
+    at once for bad arguments and unsupported models, naming the reason.
 
-    Use: ``model.generate(ids, past_key_values=cache, ...)`` or ``model(ids, past_key_values=cache)``.
+    Use: ``model.generate(ids, cache=cache, ...)`` or ``model(ids, cache=cache)`` (transformers
+    5.0-5.23: ``past_key_values=cache``; ``inf_mllm.CACHE_KW`` names the installed version's
+    keyword), or :func:`inf_mllm.stream` / :func:`inf_mllm.generate` for inputs of any length.
 
     Vision-language models (LLaVA family): the cache and the attention attach to the language
     model only (text sub-config); the vision tower keeps its own attention. Models with
@@ -34,9 +42,11 @@ def enable(
     """
     args = dict(budget=budget, n_recent=n_recent, window=window, bias=bias, n_sink=n_sink, **policy_args)
     args = {k: v for k, v in args.items() if v is not None}
-    pol = policy if isinstance(policy, Policy) else make_policy(policy, chunk=chunk, **args)
+    if chunk is not None:
+        args["chunk"] = chunk
     if isinstance(policy, Policy) and args:
         raise TypeError("inf_mllm: pass policy arguments either to the Policy object or to enable(), not both")
+    pol = policy if isinstance(policy, Policy) else make_policy(policy, **args)
     reason = unsupported_reason(model, pol.rolling)
     if reason is not None:
         raise ValueError(f"inf_mllm: unsupported model: {reason}")

@@ -1,7 +1,7 @@
-"""``inf-mllm`` command line: benchmarks and evaluations.
+"""inf-mllm command line: benchmarks and evaluations.
 
     inf-mllm bench ops        operator timings (attention_with_scores, compact_) vs baselines
-    inf-mllm bench stream     decode latency and peak memory vs tokens streamed, per policy
+    inf-mllm bench stream     decode latency and cache memory vs tokens streamed, per policy
     inf-mllm bench video      frames/s and memory vs video frames streamed into a VLM
     inf-mllm eval ppl         streaming perplexity on long real text (Austen, KJV, --text)
     inf-mllm eval retrieval   LongEval-style line retrieval, accuracy vs distance
@@ -9,19 +9,173 @@
     inf-mllm eval needle      needle in a haystack of prose: accuracy per length x depth, heatmaps
     inf-mllm report           collect the result JSONs into docs/results_tables.md
 
-Every command prints a table and writes ``<stem>.json`` (+ PNG plots) under ``--out``
-(default ``bench/results/<device>/``).
+Every command checks all its arguments before it loads a model, prints a table and writes
+<stem>.json (+ PNG plots) under --out (default: a new directory
+inf_mllm_results/<command>-<date>-<time>/ under the current directory; give
+--out bench/results/cpu to update the committed results). A mistake in the arguments prints one
+line "inf-mllm: error: ..." and exits with status 2 (--debug shows the traceback).
 """
 from __future__ import annotations
 
 import argparse
+import datetime as _dt
+import math
 import os
 import sys
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "UsageError"]
 
 DEFAULT_POLICIES = "full,h2o,streaming_llm,inf_mllm"
+STREAM_POLICIES = "transformers,full,streaming_llm,inf_mllm"
+
+
+class UsageError(Exception):
+    """A mistake of the user (an argument, a file): reported as one line, exit status 2."""
+
+
+# --------------------------------------------------------------------------------------
+# Argument types: each checks one value at parse time (reusable by any command)
+# --------------------------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage dump
+        self.exit(2, f"inf-mllm: error: {message} (see: {self.prog} --help)\n")
+
+
+def int_arg(minimum: Optional[int] = None, maximum: Optional[int] = None) -> Callable[[str], int]:
+    def conv(s: str) -> int:
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{s!r} is not a whole number") from None
+        if minimum is not None and v < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {v}")
+        if maximum is not None and v > maximum:
+            raise argparse.ArgumentTypeError(f"must be <= {maximum}, got {v}")
+        return v
+
+    conv.__name__ = "int"
+    return conv
+
+
+def float_arg(minimum: Optional[float] = None) -> Callable[[str], float]:
+    def conv(s: str) -> float:
+        try:
+            v = float(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{s!r} is not a number") from None
+        if not math.isfinite(v):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {s}")
+        if minimum is not None and v < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {s}")
+        return v
+
+    conv.__name__ = "float"
+    return conv
+
+
+def size_arg(minimum: int = 1) -> Callable[[str], int]:
+    """A token count with an optional K/M suffix (``300``, ``4K``, ``1M``), at least ``minimum``."""
+    from .evals.common import parse_size
+
+    def conv(s: str) -> int:
+        try:
+            return parse_size(s, minimum=minimum, name="value")
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e).replace("value: ", "").replace("value ", "")) from None
+
+    conv.__name__ = "size"
+    return conv
+
+
+def size_list_arg(minimum: int = 1) -> Callable[[str], List[int]]:
+    """Comma-separated sizes (``256,1K,4K``), each at least ``minimum``; sorted, no duplicates."""
+    one = size_arg(minimum)
+
+    def conv(s: str) -> List[int]:
+        vals = [one(x) for x in str(s).split(",") if x.strip()]
+        if not vals:
+            raise argparse.ArgumentTypeError(f"no value in {s!r}")
+        return sorted(set(vals))
+
+    conv.__name__ = "size list"
+    return conv
+
+
+def heads_arg(s: str):
+    """``"32,8"`` -> ``(32, 8)``: query heads, KV heads; a valid GQA shape (Hq a multiple of Hkv)."""
+    parts = [x.strip() for x in str(s).split(",")]
+    if len(parts) != 2 or not all(p.isdigit() for p in parts):
+        raise argparse.ArgumentTypeError(f"give query heads and KV heads as two whole numbers, e.g. 32,8 (got {s!r})")
+    hq, hkv = int(parts[0]), int(parts[1])
+    if hq < 1 or hkv < 1:
+        raise argparse.ArgumentTypeError(f"head counts must be >= 1, got {s}")
+    if hq % hkv:
+        raise argparse.ArgumentTypeError(f"{hq} query heads over {hkv} KV heads is not a GQA shape (query heads must be a multiple of KV heads)")
+    return hq, hkv
+
+
+def text_file_arg(path: str) -> str:
+    """An existing, readable, non-empty UTF-8 text file."""
+    if not os.path.exists(path):
+        raise argparse.ArgumentTypeError(f"{path}: no such file")
+    if os.path.isdir(path):
+        raise argparse.ArgumentTypeError(f"{path} is a directory, not a text file")
+    if not os.access(path, os.R_OK):
+        raise argparse.ArgumentTypeError(f"{path} is not readable")
+    with open(path, "rb") as f:
+        head = f.read(1 << 16)
+    if not head.strip():
+        raise argparse.ArgumentTypeError(f"{path} is empty")
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if e.start < len(head) - 4:  # not just a multi-byte character cut at the end of the sample
+            raise argparse.ArgumentTypeError(f"{path} is not UTF-8 text (byte {e.start})") from None
+    if b"\x00" in head:
+        raise argparse.ArgumentTypeError(f"{path} is a binary file, not text")
+    return path
+
+
+def existing_file_arg(path: str) -> str:
+    if not os.path.isfile(path):
+        raise argparse.ArgumentTypeError(f"{path}: no such file")
+    if not os.access(path, os.R_OK):
+        raise argparse.ArgumentTypeError(f"{path} is not readable")
+    return path
+
+
+def out_dir_arg(path: str) -> str:
+    """A directory that exists and is writable, or can be created."""
+    if not path.strip():
+        raise argparse.ArgumentTypeError("empty path")
+    p = os.path.abspath(path)
+    if os.path.exists(p) and not os.path.isdir(p):
+        raise argparse.ArgumentTypeError(f"{path} exists and is not a directory")
+    q = p
+    while not os.path.exists(q):
+        q = os.path.dirname(q)
+    if not os.path.isdir(q):
+        raise argparse.ArgumentTypeError(f"cannot create {path}: {q} is not a directory")
+    if not os.access(q, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"cannot write to {path}: {q} is not writable")
+    return path
+
+
+def tag_arg(s: str) -> str:
+    if os.sep in s or (os.altsep and os.altsep in s) or s in (".", ".."):
+        raise argparse.ArgumentTypeError(f"a tag is part of a file name: no path separators ({s!r})")
+    return s
+
+
+def device_arg(s: str) -> str:
+    import re
+
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", s):
+        raise argparse.ArgumentTypeError(f"{s!r}: use cpu, cuda or cuda:N")
+    return s
 
 
 # --------------------------------------------------------------------------------------
@@ -30,80 +184,103 @@ DEFAULT_POLICIES = "full,h2o,streaming_llm,inf_mllm"
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default=None, help="output directory (default bench/results/<device>/)")
-    p.add_argument("--tag", default="", help="suffix for the output file names (e.g. a sweep name)")
-    p.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda when available)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--out", type=out_dir_arg, default=None,
+                   help="output directory (default: a new inf_mllm_results/<command>-<date>-<time>/)")
+    p.add_argument("--tag", type=tag_arg, default="", help="suffix for the output file names (e.g. a sweep name)")
+    p.add_argument("--device", type=device_arg, default=None, help="cpu or cuda[:i] (default: cuda when available)")
+    p.add_argument("--threads", type=int_arg(1), default=None, help="torch CPU threads (default 1 on the CPU, see bench/README.md)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an error")
 
 
 def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2",
-                   help="smollm2 (default; packaged GGUF), any name inf_mllm.models supports, a .gguf file or a local checkpoint dir")
-    p.add_argument("--dtype", default=None, help="model dtype (float32, bfloat16, float16; default: the loader's)")
+                   help="smollm2 (default; packaged GGUF), qwen2.5-coder-0.5b, qwen2.5-coder-1.5b, a .gguf file or a local checkpoint dir")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="model dtype (default float32)")
+
+
+def _default_chunk() -> int:
+    import inspect
+
+    from .policies import Policy
+
+    return inspect.signature(Policy.__init__).parameters["chunk"].default
 
 
 def _add_policy(p: argparse.ArgumentParser, policies: str = DEFAULT_POLICIES) -> None:
     p.add_argument("--policies", default=policies, help=f"comma-separated policies (default {policies})")
-    p.add_argument("--budget", type=int, default=2048, help="cache budget L in slots (default 2048)")
-    p.add_argument("--n-recent", type=int, default=256, help="recent tokens kept (default 256)")
-    p.add_argument("--window", type=int, default=32, help="retrieval window w (default 32)")
-    p.add_argument("--bias", type=float, default=1e-3, help="attention bias beta (default 1e-3)")
-    p.add_argument("--n-sink", type=int, default=4, help="attention sinks (default 4)")
+    p.add_argument("--budget", type=int_arg(1), default=None, help="cache budget L in slots (default: the policy's, 2048)")
+    p.add_argument("--n-recent", type=int_arg(0), default=None, help="recent tokens kept by inf_mllm (default: the policy's)")
+    p.add_argument("--window", type=int_arg(0), default=None, help="retrieval window w of inf_mllm (default: the policy's)")
+    p.add_argument("--bias", type=float_arg(0.0), default=None, help="attention bias beta of inf_mllm (default: the policy's)")
+    p.add_argument("--n-sink", type=int_arg(0), default=None, help="attention sinks of inf_mllm and streaming_llm (default: the policy's)")
     p.add_argument("--policy-arg", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra keyword for inf_mllm.enable (repeatable)")
-    p.add_argument("--chunk", type=int, default=256, help="prefill chunk in tokens (default 256)")
+                   help="extra keyword for inf_mllm.enable, given to every policy but full (repeatable)")
+    p.add_argument("--chunk", type=int_arg(1), default=None,
+                   help=f"prefill chunk in tokens (default: the policy's, {_default_chunk()})")
     p.add_argument("--full-past-context", action="store_true",
-                   help="keep running `full` past the model's trained context (default: stop there)")
+                   help="keep running full past the model's trained context (default: stop there)")
 
 
-def _add_text(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--corpus", default="austen", choices=["austen", "kjv"],
-                   help="austen: Debian r-cran-janeaustenr; kjv: Debian bible-kjv (default austen)")
-    p.add_argument("--text", default=None, metavar="FILE", help="any UTF-8 text file instead of --corpus")
+def _add_text(p: argparse.ArgumentParser, corpora: Sequence[str] = ("austen", "kjv"), default: str = "austen") -> None:
+    p.add_argument("--corpus", default=default, choices=list(corpora),
+                   help="austen: Debian r-cran-janeaustenr; kjv: Debian bible-kjv" +
+                   ("; random: random token ids" if "random" in corpora else "") + f" (default {default})")
+    p.add_argument("--text", type=text_file_arg, default=None, metavar="FILE", help="any UTF-8 text file instead of --corpus")
+
+
+def _add_sweep(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sweep", default=None, metavar="KEY=V1,V2,...",
+                   help="sweep one policy argument over values for inf_mllm, e.g. bias=0,1e-4,1e-3,1e-2")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="inf-mllm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = _Parser(prog="inf-mllm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--debug", action="store_true", default=False, help="show the traceback of an error")
     sub = ap.add_subparsers(dest="group", required=True)
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="cmd", required=True)
     p = bench.add_parser("ops", help="operator timings vs SDPA / eager / reference")
     _add_common(p)
-    p.add_argument("--sizes", default=None,
+    p.add_argument("--sizes", type=size_list_arg(1), default=None,
                    help="cache sizes C in slots, e.g. 256,1K,4K (default: 256..64K doubling on GPU, 256..8K on CPU)")
-    p.add_argument("--dtype", default=None, help="float16/bfloat16/float32 (default bfloat16 on GPU, float32 on CPU)")
-    p.add_argument("--batch", type=int, default=None, help="batch rows B (default 8 on GPU, 1 on CPU)")
-    p.add_argument("--heads", default="32,8", help="query heads,kv heads (default 32,8)")
-    p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--prefill-chunk", type=int, default=256)
-    p.add_argument("--window", type=int, default=32)
+    p.add_argument("--dtype", default=None, choices=["float16", "bfloat16", "float32"],
+                   help="default bfloat16 on GPU, float32 on CPU")
+    p.add_argument("--batch", type=int_arg(1), default=None, help="batch rows B (default 8 on GPU, 1 on CPU)")
+    p.add_argument("--heads", type=heads_arg, default=(32, 8), help="query heads,KV heads (default 32,8)")
+    p.add_argument("--head-dim", type=int_arg(2), default=128, help="head dimension, even (default 128)")
+    p.add_argument("--prefill-chunk", type=int_arg(1), default=256, help="tokens of the timed prefill chunk (default 256)")
+    p.add_argument("--window", type=int_arg(0), default=32, help="scoring window (default 32)")
     p.add_argument("--only", choices=["attention", "compact"], default=None)
-    p.set_defaults(func=cmd_bench_ops)
+    p.set_defaults(func=cmd_bench_ops, check=_check_bench_ops)
 
-    p = bench.add_parser("stream", help="decode latency and peak memory vs tokens streamed")
+    p = bench.add_parser("stream", help="decode latency and cache memory vs tokens streamed (the main job)")
     _add_common(p)
     _add_model(p)
-    _add_policy(p)
-    p.add_argument("--max-tokens", default=None, help="longest stream (default 64K on CPU, 1M on GPU)")
-    p.add_argument("--min-tokens", default="1K", help="first checkpoint (default 1K); checkpoints double")
-    p.add_argument("--decode-steps", type=int, default=8, help="decode steps timed at each checkpoint (median)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--text", default=None, metavar="FILE", help="stream this text instead of random token ids")
-    p.set_defaults(func=cmd_bench_stream)
+    _add_policy(p, STREAM_POLICIES)
+    _add_text(p, ("austen", "kjv", "random"))
+    p.add_argument("--max-tokens", type=size_arg(2), default=None, help="longest stream (default 4K on CPU, 1M on GPU)")
+    p.add_argument("--min-tokens", type=size_arg(2), default=None, help="first checkpoint (default 1K); checkpoints double")
+    p.add_argument("--checkpoints", type=size_list_arg(2), default=None,
+                   help="stream lengths to measure at, e.g. 1K,2K,3K,4K (default on CPU without --max-tokens/--min-tokens: "
+                   "1K,2K,3K,4K; otherwise doubling from --min-tokens to --max-tokens)")
+    p.add_argument("--decode-steps", type=int_arg(1), default=8,
+                   help="decode steps timed at each checkpoint (best and median reported; default 8)")
+    p.add_argument("--seed", type=int, default=0, help="seed of --corpus random")
+    p.set_defaults(func=cmd_bench_stream, check=_check_bench_stream, extra_policies=("transformers",))
 
     p = bench.add_parser("video", help="frames/s and memory vs video frames streamed into a VLM")
     _add_common(p)
     p.add_argument("--model", default="tiny-random", help="tiny-random (random LLaVA; speed/memory only) or a local VLM checkpoint dir")
     _add_policy(p)
     p.set_defaults(chunk=64)
-    p.add_argument("--frames", type=int, default=None, help="last checkpoint in frames (default 256 on CPU, 4096 on GPU)")
-    p.add_argument("--min-frames", type=int, default=8, help="first checkpoint (default 8); checkpoints double")
-    p.add_argument("--frames-per-chunk", type=int, default=1)
-    p.add_argument("--every", type=int, default=1, help="use every n-th frame of the video")
-    p.add_argument("--video", default=None, help="video file (default: the sample clip of Debian's opencv-doc)")
-    p.add_argument("--frame-size", type=int, default=None)
-    p.set_defaults(func=cmd_bench_video)
+    p.add_argument("--frames", type=int_arg(1), default=None, help="last checkpoint in frames (default 256 on CPU, 4096 on GPU)")
+    p.add_argument("--min-frames", type=int_arg(1), default=8, help="first checkpoint (default 8); checkpoints double")
+    p.add_argument("--frames-per-chunk", type=int_arg(1), default=1)
+    p.add_argument("--every", type=int_arg(1), default=1, help="use every n-th frame of the video")
+    p.add_argument("--video", type=existing_file_arg, default=None, help="video file (default: the sample clip of Debian's opencv-doc)")
+    p.add_argument("--frame-size", type=int_arg(1), default=None)
+    p.set_defaults(func=cmd_bench_video, check=_check_bench_video, model_kind="vlm")
 
     ev = sub.add_parser("eval", help="evaluations").add_subparsers(dest="cmd", required=True)
     p = ev.add_parser("ppl", help="streaming perplexity on long text")
@@ -111,22 +288,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(p)
     _add_policy(p)
     _add_text(p)
-    p.add_argument("--max-tokens", default="64K", help="tokens of text to stream (default 64K)")
-    p.add_argument("--checkpoints", default=None, help="token counts for the table (default 4K,16K,64K,... and the end)")
-    p.add_argument("--sweep", default=None, metavar="KEY=V1,V2,...",
-                   help="sweep one policy argument over values for inf_mllm, e.g. bias=0,1e-4,1e-3,1e-2")
-    p.add_argument("--block", type=int, default=1024, help="block size for block perplexity (default 1024)")
-    p.set_defaults(func=cmd_eval_ppl)
+    p.add_argument("--max-tokens", type=size_arg(2), default="64K", help="tokens of text to stream (default 64K)")
+    p.add_argument("--checkpoints", type=size_list_arg(2), default=None,
+                   help="token counts for the table (default 4K,16K,64K,... and the end)")
+    _add_sweep(p)
+    p.add_argument("--block", type=int_arg(1), default=1024, help="block size for block perplexity (default 1024)")
+    p.set_defaults(func=cmd_eval_ppl, check=_check_eval_ppl)
 
     p = ev.add_parser("retrieval", help="LongEval-style line retrieval, accuracy vs distance")
     _add_common(p)
     _add_model(p)
     _add_policy(p)
-    p.add_argument("--distances", default="256,1K,2K,4K", help="token distances of the asked line from the question")
-    p.add_argument("--context", default="4K", help="record length in tokens (at least distance + 64)")
-    p.add_argument("--trials", type=int, default=5, help="questions per distance")
+    p.add_argument("--distances", type=size_list_arg(1), default="256,1K,2K,4K",
+                   help="token distances of the asked line from the question (default 256,1K,2K,4K)")
+    p.add_argument("--context", type=size_arg(1), default="4K", help="record length in tokens (at least distance + 64)")
+    p.add_argument("--trials", type=int_arg(1), default=5, help="questions per distance (default 5)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sweep", default=None, metavar="KEY=V1,V2,...")
+    _add_sweep(p)
     p.set_defaults(func=cmd_eval_retrieval)
 
     p = ev.add_parser("rounds", help="multi-round streaming QA")
@@ -134,11 +312,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(p)
     _add_policy(p)
     _add_text(p)
-    p.add_argument("--rounds", type=int, default=40)
-    p.add_argument("--passage-tokens", type=int, default=400, help="approximate tokens of text per round")
-    p.add_argument("--bucket", type=int, default=10, help="rounds per accuracy bucket")
+    p.add_argument("--rounds", type=int_arg(1), default=40, help="rounds (default 40)")
+    p.add_argument("--passage-tokens", type=int_arg(8), default=400, help="approximate tokens of text per round (default 400)")
+    p.add_argument("--bucket", type=int_arg(1), default=10, help="rounds per accuracy bucket (default 10)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sweep", default=None, metavar="KEY=V1,V2,...")
+    _add_sweep(p)
     p.set_defaults(func=cmd_eval_rounds)
 
     p = ev.add_parser("needle", help="needle in a haystack of real prose: length x depth heatmaps per policy and budget")
@@ -169,8 +347,145 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="collect result JSONs into a Markdown page (docs/results_tables.md)")
     p.add_argument("--results", default=os.path.join("bench", "results"), help="results root (default bench/results)")
     p.add_argument("--out", default=os.path.join("docs", "results_tables.md"), help="Markdown file to write (default docs/results_tables.md; docs/results.md is the hand-written summary)")
-    p.set_defaults(func=cmd_report)
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an error")
+    p.set_defaults(func=cmd_report, check=_check_report)
     return ap
+
+
+# --------------------------------------------------------------------------------------
+# Checks that need more than one value (run before anything is loaded)
+# --------------------------------------------------------------------------------------
+
+
+def _policies(args) -> List[str]:
+    return [p.strip() for p in str(args.policies).split(",") if p.strip()]
+
+
+def _policy_args(args) -> Dict[str, Any]:
+    """The CLI's policy options (``None`` = the policy's default) and ``--policy-arg`` extras."""
+    from .evals.engine import parse_policy_args
+
+    d = {"budget": args.budget, "n_recent": args.n_recent, "window": args.window, "bias": args.bias, "n_sink": args.n_sink}
+    try:
+        d.update(parse_policy_args(args.policy_arg))
+    except ValueError as e:
+        raise UsageError(f"--policy-arg: {e}") from None
+    return d
+
+
+def check_policies(args) -> None:
+    """Policy names, their arguments and any ``--sweep``: each (policy, arguments) the command will
+    run is built once with :func:`inf_mllm.policies.make_policy`, so a bad value is reported now,
+    not after the first policies have run."""
+    from .evals.common import parse_sweep, policy_grid
+    from .evals.engine import policy_kwargs
+    from .policies import available_policies, make_policy
+
+    names = _policies(args)
+    extra = tuple(getattr(args, "extra_policies", ()))
+    known = list(available_policies()) + list(extra)
+    if not names:
+        raise UsageError(f"--policies is empty; give one or more of {','.join(known)}")
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        import difflib
+
+        hint = difflib.get_close_matches(unknown[0], known, n=1)
+        raise UsageError(f"unknown policy {unknown[0]!r} in --policies" + (f" (did you mean {hint[0]!r}?)" if hint else "")
+                         + f"; available: {','.join(known)}")
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise UsageError(f"--policies names {dup[0]!r} twice")
+    base = _policy_args(args)
+    try:
+        sweep = parse_sweep(getattr(args, "sweep", None))
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if sweep is not None and not sweep[1]:
+        raise UsageError(f"--sweep {args.sweep!r} gives no value")
+    chunk = {} if args.chunk is None else {"chunk": args.chunk}
+    for label, pol, pargs in policy_grid([n for n in names if n not in extra], base, sweep):
+        try:
+            make_policy(pol, **chunk, **policy_kwargs(pol, pargs))
+        except (ValueError, TypeError) as e:
+            msg = str(e).replace("inf_mllm: ", "")
+            raise UsageError(f"policy {label}: {msg}") from None
+
+
+def check_model(args) -> None:
+    from .models import check_model as _check
+
+    try:
+        _check(args.model)
+    except (ValueError, OSError) as e:
+        raise UsageError(f"--model: {str(e).replace('inf_mllm: ', '')}") from None
+
+
+def _check_bench_ops(args) -> None:
+    if args.head_dim % 2:
+        raise UsageError(f"--head-dim must be even (RoPE rotates pairs of dimensions), got {args.head_dim}")
+    if args.sizes and args.prefill_chunk > min(args.sizes):
+        raise UsageError(f"--prefill-chunk {args.prefill_chunk} is larger than the smallest cache size {min(args.sizes)}")
+
+
+def stream_checkpoints(args, cuda: bool) -> List[int]:
+    """The checkpoints of ``bench stream``: ``--checkpoints``; else doubling from ``--min-tokens``
+    (1K) to ``--max-tokens`` (1M on GPU); on the CPU with neither given, 1K,2K,3K,4K (evenly
+    spaced on the plots' linear axis, ~2-3 minutes with the default policies)."""
+    from .evals.common import doubling, fmt_tokens
+
+    if args.checkpoints:
+        return list(args.checkpoints)
+    if not cuda and args.max_tokens is None and args.min_tokens is None:
+        return [1024, 2048, 3072, 4096]
+    hi = args.max_tokens or (1 << 20 if cuda else 4096)
+    lo = args.min_tokens or min(1024, hi)
+    if lo > hi:
+        raise UsageError(f"--min-tokens {fmt_tokens(lo)} is larger than --max-tokens {fmt_tokens(hi)}")
+    return doubling(lo, hi)
+
+
+def _check_bench_stream(args) -> None:
+    if args.checkpoints and (args.min_tokens is not None or args.max_tokens is not None):
+        raise UsageError("give --checkpoints or --min-tokens/--max-tokens, not both")
+    first = min(stream_checkpoints(args, cuda=False))
+    if first <= args.decode_steps:
+        raise UsageError(f"--decode-steps ({args.decode_steps}) must be smaller than the first checkpoint ({first} tokens)")
+
+
+def _check_bench_video(args) -> None:
+    if args.frames is not None and args.min_frames > args.frames:
+        raise UsageError(f"--min-frames {args.min_frames} is larger than --frames {args.frames}")
+    if args.model not in ("tiny-random",) and not os.path.isdir(args.model):
+        raise UsageError(f"--model: {args.model}: give tiny-random or a local VLM checkpoint directory")
+
+
+def _check_eval_ppl(args) -> None:
+    if args.checkpoints:
+        over = [c for c in args.checkpoints if c > args.max_tokens]
+        if over:
+            raise UsageError(f"--checkpoints {over[0]} is beyond --max-tokens {args.max_tokens}")
+
+
+def _check_report(args) -> None:
+    if not os.path.isdir(args.results):
+        raise UsageError(f"--results {args.results}: no such directory")
+    out_dir_arg(os.path.dirname(os.path.abspath(args.out)))
+
+
+def validate(args) -> None:
+    """Every check of ``args`` that the command's parser could not make alone; raises
+    :class:`UsageError`. Runs before any model or corpus is loaded."""
+    try:
+        if hasattr(args, "policies"):
+            check_policies(args)
+        if hasattr(args, "model") and getattr(args, "model_kind", "lm") == "lm":
+            check_model(args)
+        check = getattr(args, "check", None)
+        if check is not None:
+            check(args)
+    except argparse.ArgumentTypeError as e:
+        raise UsageError(str(e)) from None
 
 
 # --------------------------------------------------------------------------------------
@@ -183,35 +498,39 @@ def _setup(args) -> str:
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.no_progress:
-        os.environ["TQDM_DISABLE"] = "1"
     dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if dev.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit("inf-mllm: --device cuda but no CUDA device is available")
+        raise UsageError("--device cuda but no CUDA device is available")
+    # CPU: 1 thread unless asked (measured in bench/README.md: on a 2-core machine shared with another
+    # job, OpenMP threads spinning against it made runs slower and erratic with 2 threads)
+    threads = args.threads or (1 if dev == "cpu" else None)
+    if threads:
+        torch.set_num_threads(threads)
+    if args.no_progress:
+        os.environ["TQDM_DISABLE"] = "1"
     return dev
 
 
-def _out_path(args, device: str, stem: str, ext: str) -> str:
-    from .results import default_out_dir
+def default_out_dir(args) -> str:
+    """``inf_mllm_results/<group>-<cmd>-<YYYYmmdd-HHMMSS>/`` under the current directory (new; a
+    suffix ``-2``, ``-3``, ... when it exists)."""
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = os.path.join("inf_mllm_results", f"{args.group}-{args.cmd}-{stamp}")
+    out, i = base, 2
+    while os.path.exists(out):
+        out, i = f"{base}-{i}", i + 1
+    return out
 
-    out = args.out or default_out_dir(device)
-    os.makedirs(out, exist_ok=True)
+
+def _out_path(args, *parts: str) -> str:
+    """``<out>/<stem>[_<tag>].<ext>`` for ``_out_path(args, stem, ext)`` (the older form
+    ``_out_path(args, device, stem, ext)`` is accepted too)."""
+    stem, ext = parts[-2:]
+    if not getattr(args, "_out", None):
+        args._out = args.out or default_out_dir(args)
+    os.makedirs(args._out, exist_ok=True)
     tag = f"_{args.tag}" if args.tag else ""
-    return os.path.join(out, f"{stem}{tag}.{ext}")
-
-
-def _policy_args(args) -> Dict[str, Any]:
-    from .evals.engine import parse_policy_args
-
-    d = {"budget": args.budget, "n_recent": args.n_recent, "window": args.window, "bias": args.bias, "n_sink": args.n_sink}
-    d.update(parse_policy_args(args.policy_arg))
-    return d
-
-
-def _policies(args) -> List[str]:
-    return [p.strip() for p in args.policies.split(",") if p.strip()]
+    return os.path.join(args._out, f"{stem}{tag}.{ext}")
 
 
 def _load(args, device):
@@ -224,15 +543,23 @@ def _load(args, device):
 def _finish(args, device, kind, payload, *, model=None, policy=None, notes=(), columns=None, title=""):
     from .results import make_meta, print_table, write_json
 
+    import time
+
     meta = make_meta(f"{args.group} {args.cmd}", device=device, model=model, policy=policy, argv=args._argv,
-                     args={k: v for k, v in vars(args).items() if k not in ("func", "_argv")}, notes=list(notes) + list(payload.get("notes", [])))
+                     args={k: v for k, v in vars(args).items() if k not in ("func", "check", "_argv", "_out", "_t0")},
+                     notes=list(notes) + list(payload.get("notes", [])))
+    meta["seconds"] = round(time.perf_counter() - args._t0, 1) if getattr(args, "_t0", None) else None
     payload = dict(payload, kind=kind, meta=meta)
     table = print_table(payload["rows"], columns=columns, title=title)
     payload["table"] = table
     for n in meta["notes"]:
         print(f"note: {n}")
-    path = write_json(_out_path(args, device, kind, "json"), payload)
+    path = write_json(_out_path(args, kind, "json"), payload)
     print(f"wrote {path}")
+    if payload.get("summary"):
+        print(payload["summary"])
+    if meta["seconds"] is not None:
+        print(f"took {meta['seconds']:.0f} s")
     return path
 
 
@@ -245,6 +572,18 @@ def _cols(rows, first: Sequence[str], skip: Sequence[str] = ("args",)) -> List[s
     return cols
 
 
+def _load_text(args, corpus: Optional[str] = None) -> str:
+    from .data import CorpusUnavailable, load_corpus
+
+    try:
+        text = load_corpus(corpus or args.corpus, text_file=args.text)
+    except CorpusUnavailable as e:
+        raise UsageError(f"corpus unavailable: {e}") from None
+    if not text.strip():
+        raise UsageError(f"{args.text or args.corpus}: no text")
+    return text
+
+
 # --------------------------------------------------------------------------------------
 # Commands
 # --------------------------------------------------------------------------------------
@@ -253,20 +592,20 @@ def _cols(rows, first: Sequence[str], skip: Sequence[str] = ("args",)) -> List[s
 def cmd_bench_ops(args) -> int:
     import torch
 
-    from .evals.common import doubling, parse_int_list
+    from .evals.common import doubling
     from .evals.ops_bench import run_ops_bench
     from .results import plot_lines
 
     dev = _setup(args)
     cuda = dev.startswith("cuda")
     notes = []
-    sizes = parse_int_list(args.sizes)
+    sizes = args.sizes
     if sizes is None:
         sizes = doubling(256, 65536 if cuda else 8192)
         if not cuda:
             notes.append("CPU run: default cache sizes stop at 8K slots (64K on GPU)")
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if cuda else torch.float32)
-    Hq, Hkv = (int(x) for x in args.heads.split(","))
+    Hq, Hkv = args.heads
     which = [args.only] if args.only else ["attention", "compact"]
     batch = args.batch or (8 if cuda else 1)
     res = run_ops_bench(sizes=sizes, device=dev, dtype=dtype, B=batch, Hq=Hq, Hkv=Hkv, D=args.head_dim,
@@ -274,7 +613,7 @@ def cmd_bench_ops(args) -> int:
     bw = res["copy_bandwidth"]
     notes.append(f"measured device copy bandwidth: {bw['GBps']:.1f} GB/s (read+write, {bw['bytes'] >> 20} MiB copy)")
     notes += [f"{k}: {v}" for k, v in res["sources"].items()]
-    # plot: GB/s vs C per (op, mode, impl)
+    # plot: time vs C per (op, mode, impl)
     series = {}
     for r in res["rows"]:
         if r.get("GBps") is None:
@@ -284,7 +623,7 @@ def cmd_bench_ops(args) -> int:
         xs.append(r["C"])
         ys.append(r["median_ms"])
     if series:
-        plot_lines(_out_path(args, dev, "bench_ops", "png"), series, xlabel="cache size C (slots)", ylabel="median time (ms)",
+        plot_lines(_out_path(args, "bench_ops", "png"), series, xlabel="cache size C (slots)", ylabel="median time (ms)",
                    title=f"operators, {res['shape']}", logx=True, logy=True)
     cols = ["op", "mode", "C", "impl", "median_ms", "GBps"] + (["frac_copy_bw"] if cuda else [])
     if any(r.get("error") for r in res["rows"]):
@@ -295,50 +634,74 @@ def cmd_bench_ops(args) -> int:
 
 
 def cmd_bench_stream(args) -> int:
-    import torch
-
-    from .evals.common import doubling, parse_size
-    from .evals.stream_bench import run_stream_bench
+    from .evals.common import fmt_tokens
+    from .evals.stream_bench import GROWING, run_stream_bench, summary_line
     from .results import plot_lines
 
     dev = _setup(args)
     cuda = dev.startswith("cuda")
     notes = []
-    max_tokens = parse_size(args.max_tokens) if args.max_tokens else (1 << 20 if cuda else 1 << 16)
-    if not args.max_tokens and not cuda:
-        notes.append("CPU run: default --max-tokens 64K (1M on GPU)")
-    checkpoints = doubling(parse_size(args.min_tokens), max_tokens)
+    checkpoints = stream_checkpoints(args, cuda)
+    max_tokens = checkpoints[-1]
+    if not cuda and args.max_tokens is None and args.min_tokens is None and not args.checkpoints:
+        notes.append("CPU run: default checkpoints 1K,2K,3K,4K (GPU: 1K to 1M, doubling)")
+    if checkpoints[0] <= args.decode_steps:
+        raise UsageError(f"--decode-steps ({args.decode_steps}) must be smaller than the first checkpoint ({checkpoints[0]})")
+    text = None if (args.corpus == "random" and not args.text) else _load_text(args)
     bundle = _load(args, dev)
-    text_ids = None
-    if args.text:
+    text_ids, text_name = None, None
+    if text is not None:
         from .evals.ppl import tokenize_text
-        from .data import load_corpus
 
-        text_ids = tokenize_text(bundle.tokenizer, load_corpus(text_file=args.text), max_tokens)
+        text_ids = tokenize_text(bundle.tokenizer, text, max_tokens)
+        text_name = os.path.basename(args.text) if args.text else args.corpus
     pol_args = _policy_args(args)
-    res = run_stream_bench(bundle, policies=_policies(args), policy_args=pol_args, checkpoints=checkpoints,
+    policies = _policies(args)
+    res = run_stream_bench(bundle, policies=policies, policy_args=pol_args, checkpoints=checkpoints,
                            chunk=args.chunk, decode_steps=args.decode_steps, seed=args.seed, text_ids=text_ids,
-                           full_past_context=args.full_past_context)
-    notes.append(f"stream source: {res['source']}; prefill chunk {args.chunk}; {args.decode_steps} decode steps timed per checkpoint")
+                           text_name=text_name or "text", full_past_context=args.full_past_context)
+    from .api import DEFAULT_CHUNK
+
+    notes.append(f"stream source: {res['source']}; prefill chunk {args.chunk or DEFAULT_CHUNK}; policies run interleaved; "
+                 f"{args.decode_steps} decode steps timed per checkpoint (the last {args.decode_steps} tokens of each "
+                 "checkpoint); latency_min_ms is the best of them (the least disturbed by other jobs), latency_ms "
+                 "the median; relative = latency_min_ms / the best time of a 1-token forward without cache timed in "
+                 "the same rounds (what the context costs, with the machine's changing load divided out; plotted)")
+    if "transformers" in policies:
+        notes.append("transformers: the plain model, transformers' default attention (SDPA) and DynamicCache")
     if not cuda:
-        notes.append("CPU: memory is the cache's tensor bytes (cache_MiB) and the process RSS (rss_MiB)")
+        notes.append("CPU: memory is the cache's tensor bytes (cache_MiB); rss_MiB is the process RSS with all caches alive")
     for r in res["rows"]:
         if r.get("status", "ok") != "ok":
-            notes.append(f"{r['policy']}: {r['status']} at {r['tokens']} tokens")
+            notes.append(f"{r['policy']}: stopped at {fmt_tokens(r['tokens'])} tokens: {r['status']}")
     ser = res["series"]
-    lat = {p: (s["tokens"], s["latency_ms"]) for p, s in ser.items()}
-    plot_lines(_out_path(args, dev, "bench_stream_latency", "png"), lat, xlabel="tokens streamed", ylabel="decode latency (ms/token)",
-               title=f"{bundle.name}: decode latency, budget {pol_args['budget']}", logx=True)
+    budget = (res["rows"][0].get("args") or {}).get("budget") if res["rows"] else None
+    budget = next((r["args"].get("budget") for r in res["rows"] if r.get("args") and r["policy"] not in GROWING), budget)
+    what = f"budget {budget} slots" if budget else ""
+    rel = {p: (s["tokens"], s["relative"]) for p, s in ser.items()}
+    plot_lines(_out_path(args, "bench_stream_latency", "png"), rel, xlabel="tokens in the stream",
+               ylabel="decode time per token / time of a step without context",
+               title=f"{bundle.name}: decode cost vs context ({what}, {res['source']}; 1.0 = no context)",
+               from_zero=True, xticks=checkpoints)
+    lat = {p: (s["tokens"], s["latency_min_ms"]) for p, s in ser.items()}
+    lat["reference (no context)"] = (res["reference"]["tokens"], res["reference"]["latency_min_ms"])
+    plot_lines(_out_path(args, "bench_stream_latency_ms", "png"), lat, xlabel="tokens in the stream",
+               ylabel=f"decode latency (ms/token, best of {args.decode_steps})",
+               title=f"{bundle.name}: decode latency in ms ({what}); the reference shows the machine's load",
+               from_zero=True, xticks=checkpoints)
     memkey = "peak_MiB" if cuda else "cache_MiB"
     mem = {p: (s["tokens"], s[memkey]) for p, s in ser.items()}
-    plot_lines(_out_path(args, dev, "bench_stream_memory", "png"), mem, xlabel="tokens streamed",
+    plot_lines(_out_path(args, "bench_stream_memory", "png"), mem, xlabel="tokens in the stream",
                ylabel="peak CUDA memory (MiB)" if cuda else "KV cache (MiB)",
-               title=f"{bundle.name}: memory, budget {pol_args['budget']}", logx=True, logy=True)
+               title=f"{bundle.name}: memory ({what})", from_zero=True, xticks=checkpoints)
     if not cuda:
-        rss = {p: (s["tokens"], s["rss_MiB"]) for p, s in ser.items()}
-        plot_lines(_out_path(args, dev, "bench_stream_rss", "png"), rss, xlabel="tokens streamed", ylabel="process RSS (MiB)",
-                   title=f"{bundle.name}: process RSS (one process, policies run in sequence)", logx=True)
-    cols = ["policy", "tokens", "latency_ms", "cache_slots", "cache_MiB"] + (["peak_MiB"] if cuda else ["rss_MiB"]) + ["status"]
+        rss = {"process": (ser[policies[0]]["tokens"], ser[policies[0]]["rss_MiB"])} if ser.get(policies[0]) else {}
+        plot_lines(_out_path(args, "bench_stream_rss", "png"), rss, xlabel="tokens in the stream", ylabel="process RSS (MiB)",
+                   title=f"{bundle.name}: process RSS (one process, all caches alive)", from_zero=True, xticks=checkpoints)
+    cols = ["policy", "tokens", "relative", "latency_ms", "latency_min_ms", "cache_slots", "cache_MiB"] + \
+        (["peak_MiB"] if cuda else ["rss_MiB"]) + ["status"]
+    summary = summary_line(ser, "relative")
+    res["summary"] = summary
     _finish(args, dev, "bench_stream", res, model=bundle.info, policy=pol_args, notes=notes, columns=cols,
             title=f"bench stream: {bundle.name} on {dev}")
     return 0
@@ -351,10 +714,12 @@ def cmd_bench_video(args) -> int:
     try:
         from .evals.video_bench import load_vlm, run_video_bench
     except ImportError as e:
-        raise SystemExit(f"inf-mllm: bench video is not available in this build ({e})")
+        raise UsageError(f"bench video is not available in this build ({e})")
     dev = _setup(args)
     cuda = dev.startswith("cuda")
     n_max = args.frames or (4096 if cuda else 256)
+    if args.min_frames > n_max:
+        raise UsageError(f"--min-frames {args.min_frames} is larger than the last checkpoint ({n_max} frames)")
     checkpoints = doubling(args.min_frames, n_max)
     model, proc = load_vlm(None if args.model == "tiny-random" else args.model, device=dev)
     pol_args = _policy_args(args)
@@ -371,10 +736,11 @@ def cmd_bench_video(args) -> int:
         res["series"].update(part.get("series", {}))
     res["policy_args"] = pol_args
     ser = res.get("series", {})
-    plot_lines(_out_path(args, dev, "bench_video_fps", "png"), {p: (v["frames"], v["fps"]) for p, v in ser.items()},
-               xlabel="frames streamed", ylabel="frames/s", title=f"{args.model}: video streaming throughput", logx=True)
+    plot_lines(_out_path(args, "bench_video_fps", "png"), {p: (v["frames"], v["fps"]) for p, v in ser.items()},
+               xlabel="frames streamed", ylabel="frames/s", title=f"{args.model}: video streaming throughput", logx=True,
+               from_zero=True)
     key = "peak_MiB" if cuda else "cache_MiB"
-    plot_lines(_out_path(args, dev, "bench_video_memory", "png"), {p: (v["frames"], v[key]) for p, v in ser.items()},
+    plot_lines(_out_path(args, "bench_video_memory", "png"), {p: (v["frames"], v[key]) for p, v in ser.items()},
                xlabel="frames streamed", ylabel="peak CUDA memory (MiB)" if cuda else "KV cache (MiB)",
                title=f"{args.model}: memory vs frames", logx=True, logy=True)
     rows = res.get("rows", [])
@@ -386,29 +752,21 @@ def cmd_bench_video(args) -> int:
     return 0
 
 
-def _load_text(args) -> str:
-    from .data import CorpusUnavailable, load_corpus
-
-    try:
-        return load_corpus(args.corpus, text_file=args.text)
-    except CorpusUnavailable as e:
-        raise SystemExit(f"inf-mllm: corpus unavailable:\n{e}")
-
-
 def cmd_eval_ppl(args) -> int:
-    import math
-
-    from .evals.common import fmt_tokens, parse_int_list, parse_size, parse_sweep
+    from .evals.common import fmt_tokens, parse_sweep
     from .evals.ppl import run_ppl
     from .results import plot_lines
 
     dev = _setup(args)
     text = _load_text(args)
     bundle = _load(args, dev)
+    from .evals.ppl import tokenize_text
+
+    if tokenize_text(bundle.tokenizer, text, 2).shape[1] < 2:
+        raise UsageError(f"{args.text or args.corpus}: less than 2 tokens of text, no perplexity to measure")
     pol_args = _policy_args(args)
-    sweep = parse_sweep(args.sweep)
-    res = run_ppl(bundle, text, policies=_policies(args), policy_args=pol_args, max_tokens=parse_size(args.max_tokens),
-                  chunk=args.chunk, checkpoints=parse_int_list(args.checkpoints), sweep=sweep, block=args.block,
+    res = run_ppl(bundle, text, policies=_policies(args), policy_args=pol_args, max_tokens=args.max_tokens,
+                  chunk=args.chunk, checkpoints=args.checkpoints, sweep=parse_sweep(args.sweep), block=args.block,
                   full_past_context=args.full_past_context)
     # running log-perplexity from 64 tokens on (the first few tokens dominate the scale otherwise)
     curves = {}
@@ -416,45 +774,49 @@ def cmd_eval_ppl(args) -> int:
         pts = [(t, y) for t, y in zip(v["tokens"], v["log_ppl"]) if t >= min(64, res["tokens"] // 4)]
         curves[k] = ([t for t, _ in pts], [y for _, y in pts])
     src = os.path.basename(args.text) if args.text else args.corpus
-    plot_lines(_out_path(args, dev, "eval_ppl", "png"), curves, xlabel="tokens streamed", ylabel="running log-perplexity (nat)",
-               title=f"{bundle.name} on {src}, budget {pol_args['budget']}", logx=True, markers=False)
+    plot_lines(_out_path(args, "eval_ppl", "png"), curves, xlabel="tokens streamed", ylabel="running log-perplexity (nat)",
+               title=f"{bundle.name} on {src}, {_budget_label(args)}", logx=True, markers=False)
     blocks = {}
     for k, v in res["curves"].items():
         b = v.get("block_nll") or []
         blocks[k] = ([(i + 1) * args.block for i in range(len(b))], b)
-    plot_lines(_out_path(args, dev, "eval_ppl_blocks", "png"), blocks, xlabel="tokens streamed",
+    plot_lines(_out_path(args, "eval_ppl_blocks", "png"), blocks, xlabel="tokens streamed",
                ylabel=f"log-perplexity of each {args.block}-token block (nat)",
-               title=f"{bundle.name} on {src}, budget {pol_args['budget']}: per-block", logx=False)
+               title=f"{bundle.name} on {src}, {_budget_label(args)}: per-block", logx=False)
     cols = ["policy", "tokens"] + [f"ppl@{fmt_tokens(c)}" for c in res["checkpoints"]] + \
         [f"block_ppl@{fmt_tokens(res['checkpoints'][-1])}", "cache_slots", "cache_MiB", "tok_per_s", "status"]
     res["text"] = {"source": args.text or args.corpus, "tokens": res["tokens"]}
     _finish(args, dev, "eval_ppl", res, model=bundle.info, policy=dict(pol_args, sweep=args.sweep), columns=cols,
-            title=f"eval ppl: {bundle.name} on {src} ({res['tokens']} tokens), budget {pol_args['budget']}")
+            title=f"eval ppl: {bundle.name} on {src} ({res['tokens']} tokens), {_budget_label(args)}")
     return 0
 
 
+def _budget_label(args) -> str:
+    return f"budget {args.budget}" if args.budget else "default budget"
+
+
 def cmd_eval_retrieval(args) -> int:
-    from .evals.common import fmt_tokens, parse_int_list, parse_size, parse_sweep
+    from .evals.common import fmt_tokens, parse_sweep
     from .evals.retrieval import run_retrieval
     from .results import plot_lines
 
     dev = _setup(args)
     bundle = _load(args, dev)
     pol_args = _policy_args(args)
-    distances = parse_int_list(args.distances)
+    distances = args.distances
     res = run_retrieval(bundle, policies=_policies(args), policy_args=pol_args, distances=distances,
-                        context=parse_size(args.context), trials=args.trials, seed=args.seed, chunk=args.chunk,
+                        context=args.context, trials=args.trials, seed=args.seed, chunk=args.chunk,
                         sweep=parse_sweep(args.sweep), full_past_context=args.full_past_context)
     series = {}
     for r in res["rows"]:
         ys = [r.get(f"acc@{fmt_tokens(d)}") for d in distances]
         if any(y is not None for y in ys):
             series[r["policy"]] = (distances, ys)
-    plot_lines(_out_path(args, dev, "eval_retrieval", "png"), series, xlabel="distance of the asked line (tokens)",
-               ylabel="accuracy", title=f"{bundle.name}: line retrieval, budget {pol_args['budget']}", logx=True)
+    plot_lines(_out_path(args, "eval_retrieval", "png"), series, xlabel="distance of the asked line (tokens)",
+               ylabel="accuracy", title=f"{bundle.name}: line retrieval, {_budget_label(args)}", logx=True)
     cols = ["policy"] + [f"acc@{fmt_tokens(d)}" for d in distances] + ["acc", "n", "status"]
     _finish(args, dev, "eval_retrieval", res, model=bundle.info, policy=dict(pol_args, sweep=args.sweep), columns=cols,
-            title=f"eval retrieval: {bundle.name}, context >= {args.context} tokens, {args.trials} per distance")
+            title=f"eval retrieval: {bundle.name}, context >= {fmt_tokens(args.context)} tokens, {args.trials} per distance")
     return 0
 
 
@@ -482,9 +844,9 @@ def cmd_eval_rounds(args) -> int:
             ys.append(sum(r["correct"] for r in w) / len(w))
         acc[label] = (xs, ys)
         mem[label] = (xs, [r["cache_bytes"] / 2**20 for r in recs])
-    plot_lines(_out_path(args, dev, "eval_rounds_acc", "png"), acc, xlabel="round",
-               ylabel=f"accuracy (last {args.bucket} rounds)", title=f"{bundle.name}: multi-round QA, budget {pol_args['budget']}")
-    plot_lines(_out_path(args, dev, "eval_rounds_mem", "png"), mem, xlabel="round", ylabel="KV cache (MiB)",
+    plot_lines(_out_path(args, "eval_rounds_acc", "png"), acc, xlabel="round",
+               ylabel=f"accuracy (last {args.bucket} rounds)", title=f"{bundle.name}: multi-round QA, {_budget_label(args)}")
+    plot_lines(_out_path(args, "eval_rounds_mem", "png"), mem, xlabel="round", ylabel="KV cache (MiB)",
                title=f"{bundle.name}: cache memory per round", logy=True)
     rows = res["rows"]
     cols = _cols(rows, ["policy", "rounds", "tokens"], skip=("args", "seconds"))
@@ -526,7 +888,7 @@ def cmd_eval_needle(args) -> int:
 _ORDER = ["bench_ops", "bench_stream", "bench_video", "eval_ppl", "eval_retrieval", "eval_rounds"]
 _PLOTS = {
     "bench_ops": ["bench_ops"],
-    "bench_stream": ["bench_stream_latency", "bench_stream_memory", "bench_stream_rss"],
+    "bench_stream": ["bench_stream_latency", "bench_stream_latency_ms", "bench_stream_memory", "bench_stream_rss"],
     "eval_ppl": ["eval_ppl", "eval_ppl_blocks"],
     "eval_retrieval": ["eval_retrieval"],
     "eval_rounds": ["eval_rounds_acc", "eval_rounds_mem"],
@@ -601,9 +963,20 @@ def cmd_report(args) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = build_parser()
-    args = ap.parse_args(argv)
-    args._argv = ["inf-mllm"] + list(sys.argv[1:] if argv is None else argv)
-    return int(args.func(args) or 0)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = ap.parse_args(argv)  # a bad value: one line, exit 2
+    args._argv = ["inf-mllm"] + argv
+    import time
+
+    args._t0 = time.perf_counter()
+    try:
+        validate(args)
+        return int(args.func(args) or 0)
+    except UsageError as e:
+        if getattr(args, "debug", False):
+            raise
+        print(f"inf-mllm: error: {e}", file=sys.stderr, flush=True)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

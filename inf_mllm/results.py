@@ -64,7 +64,8 @@ def device_slug(device: Optional[str] = None) -> str:
 
 
 def default_out_dir(device: Optional[str] = None) -> str:
-    """``bench/results/<device slug>/`` relative to the current directory."""
+    """``bench/results/<device slug>/`` relative to the current directory (the committed results'
+    layout; the CLI's default output is a new ``inf_mllm_results/...`` directory instead)."""
     return os.path.join("bench", "results", device_slug(device))
 
 
@@ -269,6 +270,15 @@ def _tok_label(v: float) -> str:
     return str(v)
 
 
+_STYLES = [("o", "-"), ("s", "--"), ("^", "-."), ("D", ":"), ("v", (0, (5, 1))), ("P", (0, (3, 1, 1, 1))),
+           ("X", (0, (1, 1))), ("*", "-")]
+
+
+def _same(a, b) -> bool:
+    return len(a[0]) == len(b[0]) and all(
+        xa == xb and math.isclose(ya, yb, rel_tol=1e-6, abs_tol=1e-9) for xa, ya, xb, yb in zip(a[0], a[1], b[0], b[1]))
+
+
 def plot_lines(
     path: str,
     series: Dict[str, Sequence[Sequence[float]]],
@@ -280,21 +290,36 @@ def plot_lines(
     logy: bool = False,
     markers: bool = True,
     notes: Optional[Dict[str, str]] = None,
+    from_zero: bool = False,
+    xticks: Optional[Sequence[float]] = None,
 ) -> str:
-    """Plot ``{label: (xs, ys)}`` as lines into a PNG at ``path`` (Agg backend)."""
+    """Plot ``{label: (xs, ys)}`` as lines into a PNG at ``path`` (Agg backend).
+
+    Every line has its own marker and dash pattern, and a line whose values equal an earlier
+    one's is drawn thinner on top of it and labelled "(= other)", so that no legend entry is
+    invisible. ``from_zero``: linear axes that start at 0 (x and y)."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
-    for label, (xs, ys) in series.items():
+    drawn: List = []
+    for i, (label, (xs, ys)) in enumerate(series.items()):
         pts = [(x, y) for x, y in zip(xs, ys) if y is not None and isinstance(y, (int, float)) and math.isfinite(y)]
         if not pts:
             continue
         px, py = zip(*pts)
         lab = label + (f" ({notes[label]})" if notes and label in notes else "")
-        ax.plot(px, py, marker="o" if markers and len(px) < 40 else None, markersize=3, label=lab)
+        twin = next((other for other, xy in drawn if _same(xy, (px, py))), None)
+        if twin is not None:
+            lab += f" (= {twin})"
+        marker, dash = _STYLES[i % len(_STYLES)]
+        n_twins = sum(1 for _, xy in drawn if _same(xy, (px, py)))
+        ax.plot(px, py, marker=marker if markers and len(px) < 40 else None, linestyle=dash,
+                markersize=max(3.0, 7.0 - 1.6 * n_twins), linewidth=max(0.8, 1.8 - 0.4 * n_twins),
+                markerfacecolor="none" if n_twins else None, label=lab, zorder=2 + i)
+        drawn.append((label, (px, py)))
     if logx:
         from matplotlib.ticker import FuncFormatter
 
@@ -302,12 +327,22 @@ def plot_lines(
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: _tok_label(v)))
     if logy:
         ax.set_yscale("log")
+    if from_zero:
+        if not logx:
+            ax.set_xlim(left=0)
+        if not logy:
+            ax.set_ylim(bottom=0, top=max([1e-9] + [max(xy[1]) for _, xy in drawn]) * 1.08)
+    if xticks is not None and not logx:
+        from matplotlib.ticker import FuncFormatter
+
+        ax.set_xticks(list(xticks))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: _tok_label(v)))
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if title:
         ax.set_title(title, fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
-    if series:
+    if drawn:
         ax.legend(fontsize=8)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -7,7 +7,7 @@ from typing import Iterable, Optional, Union
 import torch
 
 from .api import enable
-from .streaming import stream
+from .streaming import as_ids, greedy, stream
 
 
 class Session:
@@ -19,44 +19,56 @@ class Session:
 
     ``policy_args`` go to :func:`inf_mllm.enable` (``policy``, ``budget``, ``n_recent``, ...).
 
+    ``progress=True`` (default) shows a progress bar on stderr for every append longer than one
+    prefill chunk; ``progress=False`` turns them off (each method also takes ``progress=``).
+
     Vision-language models (LLaVA family): pass ``processor`` (the model's ``AutoProcessor`` /
     image processor; ``None`` = plain resize + normalize) and stream pictures with
     :meth:`append_image` / :meth:`append_video`; ``tokenizer`` may be ``None`` when the processor
     carries one.
     """
 
-    def __init__(self, model, tokenizer=None, processor=None, **policy_args):
+    def __init__(self, model, tokenizer=None, processor=None, *, progress: bool = True, **policy_args):
         self.model = model
         self.tokenizer = tokenizer if tokenizer is not None else getattr(processor, "tokenizer", None)
         self.processor = processor
+        self.progress = bool(progress)
         self.cache = enable(model, **policy_args)
         self.device = next(model.parameters()).device
-        self.rounds = 0
+        self.appends = 0
+        self.questions = 0
         self.images = 0
         self.frames = 0
         self._encoder = None
         self._last_logits: Optional[torch.Tensor] = None
-        self._started = False
 
     def _ids(self, text_or_ids) -> torch.Tensor:
         if isinstance(text_or_ids, str):
+            if self.tokenizer is None:
+                raise ValueError("inf_mllm: this Session has no tokenizer: pass token ids, or give Session a tokenizer")
             ids = self.tokenizer(text_or_ids, add_special_tokens=False, return_tensors="pt").input_ids
         else:
-            ids = torch.as_tensor(text_or_ids, dtype=torch.long)
-        if ids.dim() == 1:
-            ids = ids[None]
+            ids = as_ids(text_or_ids, "text_or_ids")
         if ids.shape[0] != 1:
             raise ValueError("inf_mllm: Session takes one sequence (batch size 1)")
         return ids
 
+    def _show(self, n_tokens: int, progress: Optional[bool]) -> bool:
+        on = self.progress if progress is None else bool(progress)
+        return on and n_tokens > self.cache.policy.slack  # more than one prefill chunk
+
     @torch.no_grad()
-    def append(self, text_or_ids: Union[str, torch.Tensor, list], modality: str = "text", progress: bool = False):
-        """Feed text (or token ids) into the cache, in chunks; returns the last logits."""
+    def append(self, text_or_ids: Union[str, torch.Tensor, list], modality: str = "text", progress: Optional[bool] = None):
+        """Feed text (or token ids) into the cache, in chunks; returns the last logits.
+
+        A progress bar shows when the input is longer than one chunk (``progress=None``: the
+        session's setting)."""
         ids = self._ids(text_or_ids)
         if ids.shape[1] == 0:
             return self._last_logits
-        self._last_logits = stream(self.model, ids, cache=self.cache, modality=modality, progress=progress)
-        self._started = True
+        self._last_logits = stream(self.model, ids, cache=self.cache, modality=modality,
+                                   progress=self._show(ids.shape[1], progress))
+        self.appends += 1
         return self._last_logits
 
     # ---- pictures (vision-language models) --------------------------------------------
@@ -69,15 +81,16 @@ class Session:
         return self._encoder
 
     @torch.no_grad()
-    def append_embeds(self, embeds: torch.Tensor, modality: str = "image", progress: bool = False):
+    def append_embeds(self, embeds: torch.Tensor, modality: str = "image", progress: Optional[bool] = None):
         """Feed ready ``inputs_embeds`` ``[T, H]`` or ``[1, T, H]`` (chunked prefill, eviction after each chunk)."""
+        if not isinstance(embeds, torch.Tensor):
+            raise TypeError(f"inf_mllm: embeds must be a tensor [T, H] or [1, T, H], got {type(embeds).__name__}")
         if embeds.dim() == 2:
             embeds = embeds[None]
         if embeds.shape[1] == 0:
             return self._last_logits
         self._last_logits = stream(self.model, inputs_embeds=embeds, cache=self.cache, modality=modality,
-                                   progress=progress)
-        self._started = True
+                                   progress=self._show(embeds.shape[1], progress))
         return self._last_logits
 
     def _text(self, text: Optional[str]):
@@ -100,7 +113,7 @@ class Session:
 
     @torch.no_grad()
     def append_video(self, frames: Iterable, fps: Optional[float] = None, frames_per_chunk: int = 1,
-                     frame_text: Optional[str] = None, max_frames: Optional[int] = None, progress: bool = False):
+                     frame_text: Optional[str] = None, max_frames: Optional[int] = None, progress: Optional[bool] = None):
         """Stream video frames (any iterable, e.g. :func:`inf_mllm.video.read_frames`; consumed lazily).
 
         Frames are encoded ``frames_per_chunk`` at a time by the vision tower (the model's video path
@@ -115,7 +128,7 @@ class Session:
         n = 0
         group: list = []
         bar = None
-        if progress:
+        if self.progress if progress is None else progress:
             from tqdm.auto import tqdm
 
             bar = tqdm(unit="frame", desc=f"inf_mllm[{self.cache.policy.name}] video")
@@ -163,32 +176,31 @@ class Session:
 
     @torch.no_grad()
     def ask(self, question: str, max_new_tokens: int = 64) -> str:
-        """Append ``question`` (chat template when the tokenizer has one) and answer greedily."""
+        """Append ``question`` (chat template when the tokenizer has one) and answer greedily; the
+        answer (and the end-of-turn token) stay in the cache, as in a chat."""
+        if not isinstance(question, str):
+            raise TypeError(f"inf_mllm: question must be a string, got {type(question).__name__}")
+        if self.tokenizer is None:
+            raise ValueError("inf_mllm: ask() needs a tokenizer")
         self.append(self._prompt(question))
-        eos = self._eos_ids()
-        out = []
-        logits = self._last_logits
-        for _ in range(max_new_tokens):
-            nxt = int(logits[0].argmax())
-            ids = torch.tensor([[nxt]], device=self.device)
-            logits = self.model(input_ids=ids, past_key_values=self.cache, use_cache=True, logits_to_keep=1).logits[:, -1].float()
-            if nxt in eos:
-                break  # the end-of-turn token is in the cache, so the history stays well-formed
-            out.append(nxt)
-        self._last_logits = logits
-        self.rounds += 1
+        out, self._last_logits = greedy(self.model, self.cache, self._last_logits, max_new_tokens, self._eos_ids())
+        self.questions += 1
         return self.tokenizer.decode(out, skip_special_tokens=True)
 
     def stats(self) -> dict:
-        """Tokens seen, slots used by modality, bytes of cache, rounds."""
+        """The cache's numbers (``tokens_seen``, ``slots_used``, ``slots_by_modality``, ``capacity``,
+        ``budget``, ``evictions``, ``cache_bytes``) and this session's calls: ``appends`` (text
+        appends, the prompts of ``ask`` included), ``questions`` (``ask`` calls), ``images``,
+        ``frames``."""
         s = self.cache.stats()
-        s["rounds"] = self.rounds
+        s["appends"] = self.appends
+        s["questions"] = self.questions
         s["images"] = self.images
         s["frames"] = self.frames
         return s
 
     def reset(self):
         self.cache.reset()
-        self.rounds = 0
+        self.appends = self.questions = 0
         self.images = self.frames = 0
         self._last_logits = None

@@ -1,11 +1,37 @@
-"""Chunked prefill under a fixed budget (SPEC §5): feed any length, evicting after each chunk."""
+"""Chunked prefill under a fixed budget (SPEC §5), greedy decoding, and ``generate`` after a
+stream: feed any length, evicting after each chunk."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
+from ._compat import cache_kwargs
 from .cache import StreamingCache
+
+__all__ = ["stream", "greedy", "generate", "as_ids"]
+
+
+def as_ids(ids, name: str = "input_ids") -> torch.Tensor:
+    """Token ids as a ``[B, T]`` long tensor: a tensor, a list of ints or a list of lists."""
+    if ids is None:
+        raise TypeError(f"inf_mllm: {name} is None; give token ids (a tensor or a list of ints) or text")
+    if isinstance(ids, str):
+        raise TypeError(f"inf_mllm: {name} must be token ids, not a string: tokenize it first (tokenizer(text).input_ids)")
+    if not isinstance(ids, torch.Tensor):
+        try:
+            ids = torch.as_tensor(ids)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise TypeError(f"inf_mllm: {name} must be a tensor or a list of token ids, got {type(ids).__name__} ({e})") from None
+        if ids.numel() == 0:
+            ids = ids.long()
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise TypeError(f"inf_mllm: {name} must hold integer token ids, got dtype {ids.dtype}")
+    if ids.dim() == 1:
+        ids = ids[None]
+    if ids.dim() != 2:
+        raise ValueError(f"inf_mllm: {name} must be [T] or [B, T], got shape {tuple(ids.shape)}")
+    return ids.long()
 
 
 @torch.no_grad()
@@ -21,12 +47,13 @@ def stream(
     progress: bool = False,
     return_nll: bool = False,
 ):
-    """Feed ``input_ids`` ``[B, T]`` (or ``inputs_embeds`` ``[B, T, H]``) through ``model`` in chunks.
+    """Feed ``input_ids`` ``[B, T]`` (a tensor, or a list of ints for one row) or ``inputs_embeds``
+    ``[B, T, H]`` through ``model`` in chunks.
 
     Each chunk is at most ``chunk`` tokens (default and maximum: the cache's slack), and the
     policy evicts after each, so peak memory is ``C`` slots plus one chunk of activations
     however long the input. ``attention_mask`` ``[B, T]`` (0 = pad, e.g. left padding) is
-    supported. Tokens are tagged with ``modality``.
+    supported; every row needs at least one real token. Tokens are tagged with ``modality``.
 
     Returns the logits of the last position ``[B, V]`` (float32); with ``return_nll=True``,
     ``(logits, nll)`` where ``nll[b, t]`` is ``-log p(token[t+1] | tokens[..t])`` (``[B, T-1]``,
@@ -38,12 +65,23 @@ def stream(
         raise ValueError("inf_mllm: pass exactly one of input_ids or inputs_embeds")
     if return_nll and input_ids is None:
         raise ValueError("inf_mllm: return_nll needs input_ids (the targets)")
+    if input_ids is not None:
+        input_ids = as_ids(input_ids)
+    elif not isinstance(inputs_embeds, torch.Tensor) or inputs_embeds.dim() != 3:
+        raise ValueError("inf_mllm: inputs_embeds must be a [B, T, H] tensor")
     x = input_ids if input_ids is not None else inputs_embeds
-    if input_ids is not None and input_ids.dim() == 1:
-        input_ids = x = input_ids[None]
     B, T = x.shape[0], x.shape[1]
     if T == 0:
         raise ValueError("inf_mllm: empty input")
+    if attention_mask is not None:
+        attention_mask = torch.as_tensor(attention_mask)
+        if tuple(attention_mask.shape) != (B, T):
+            raise ValueError(f"inf_mllm: attention_mask must have shape {(B, T)}, got {tuple(attention_mask.shape)}")
+        empty = [b for b in range(B) if not bool(attention_mask[b].bool().any())]
+        if empty:
+            raise ValueError(
+                f"inf_mllm: attention_mask row(s) {empty} are all zeros: nothing to feed (every row needs a real token)"
+            )
     slack = cache.policy.slack
     chunk = slack if chunk is None else int(chunk)
     if chunk < 1:
@@ -53,41 +91,31 @@ def stream(
     if attention_mask is not None and not bool(attention_mask.all()):
         if return_nll:
             raise ValueError("inf_mllm: return_nll is not supported with a padded attention_mask; stream rows one by one")
-        if tuple(attention_mask.shape) != (B, T):
-            raise ValueError(f"inf_mllm: attention_mask must have shape {(B, T)}, got {tuple(attention_mask.shape)}")
         # Re-chunk per row so that every row sees the same chunk boundaries as when streamed alone:
         # row b's real tokens are cut in chunks from its start; rows with fewer chunks start later,
         # a partial last chunk is left-padded, so all rows end together on the last column.
-        x_src = input_ids if input_ids is not None else inputs_embeds
+        chunk = min(chunk, slack)
         real = [attention_mask[b].bool().nonzero().squeeze(1) for b in range(B)]
-        chunk_ = min(chunk if chunk is not None else cache.policy.slack, cache.policy.slack)
-        n_chunks = [-(-int(r.numel()) // chunk_) for r in real]
+        n_chunks = [-(-int(r.numel()) // chunk) for r in real]
         K = max(n_chunks)
-        new_x = x_src.new_zeros((B, K * chunk_) + tuple(x_src.shape[2:]))
-        new_m = torch.zeros(B, K * chunk_, dtype=torch.long, device=attention_mask.device)
+        new_x = x.new_zeros((B, K * chunk) + tuple(x.shape[2:]))
+        new_m = torch.zeros(B, K * chunk, dtype=torch.long, device=attention_mask.device)
         for b in range(B):
             r = real[b]
-            n_b = int(r.numel())
             first = K - n_chunks[b]
             for c in range(n_chunks[b]):
-                piece = r[c * chunk_ : (c + 1) * chunk_]
-                end = (first + c + 1) * chunk_
-                new_x[b, end - piece.numel() : end] = x_src[b, piece]
+                piece = r[c * chunk : (c + 1) * chunk]
+                end = (first + c + 1) * chunk
+                new_x[b, end - piece.numel() : end] = x[b, piece]
                 new_m[b, end - piece.numel() : end] = 1
         if input_ids is not None:
             input_ids = new_x
         else:
             inputs_embeds = new_x
-        attention_mask = new_m
-        x = new_x
-        T = x.shape[1]
-        chunk = chunk_
-    elif attention_mask is not None:
-        attention_mask = None
-    if attention_mask is not None:
-        if tuple(attention_mask.shape) != (B, T):
-            raise ValueError(f"inf_mllm: attention_mask must have shape {(B, T)}, got {tuple(attention_mask.shape)}")
-        attention_mask = attention_mask.to(device).long()
+        attention_mask = new_m.to(device)
+        T = new_x.shape[1]
+    else:
+        attention_mask = None  # all ones: the same as no mask
     nll = torch.zeros(B, T - 1, dtype=torch.float32, device=device) if return_nll else None
     prev_last = None
     last = None
@@ -95,11 +123,11 @@ def stream(
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=T, unit="tok", desc=f"inf_mllm[{cache.policy.name}]")
+        bar = tqdm(total=T, unit="tok", unit_scale=True, desc=f"inf_mllm[{cache.policy.name}]")
     with cache.modality(modality):
         for s in range(0, T, chunk):
             e = min(T, s + chunk)
-            kw = dict(past_key_values=cache, use_cache=True)
+            kw = dict(cache_kwargs(cache), use_cache=True)
             if attention_mask is not None:
                 kw["attention_mask"], kw["position_ids"] = _mask_and_positions(cache, attention_mask[:, s:e])
             if not return_nll:
@@ -117,8 +145,6 @@ def stream(
                 if prev_last is not None:
                     nll[:, s - 1] = -prev_last.gather(-1, input_ids[:, s : s + 1].to(device))[:, 0]
                 prev_last = lp[:, -1]
-                if attention_mask is not None:
-                    nll[:, s : e - 1] *= attention_mask[:, s + 1 : e].float()
             last = logits[:, -1].float()
             del out, logits
             if bar is not None:
@@ -138,3 +164,86 @@ def _mask_and_positions(cache, chunk_mask):
     pos = pos.clamp_min(0)
     mask = torch.cat([torch.ones(B, seen, dtype=torch.long, device=chunk_mask.device), chunk_mask], dim=1)
     return mask, pos
+
+
+def _stop_ids(stop_ids) -> set:
+    if stop_ids is None:
+        return set()
+    if isinstance(stop_ids, int):
+        return {stop_ids}
+    return {int(i) for i in stop_ids}
+
+
+@torch.no_grad()
+def greedy(model, cache, logits: torch.Tensor, max_new_tokens: int, stop_ids: Sequence[int] = ()) -> Tuple[List[int], torch.Tensor]:
+    """Greedy decoding of one row from ``logits`` (``[V]`` or ``[1, V]``: the logits after the last
+    token in ``cache``, e.g. what :func:`stream` returned).
+
+    Every chosen token is fed into the cache, a stop token included (so the stream stays
+    well-formed: the end of the turn is in the history); the stop token is not returned. Returns
+    ``(tokens, logits after the last fed token [V])``. ``cache`` is a :class:`StreamingCache` or
+    any transformers ``Cache``.
+    """
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"inf_mllm: max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    stop = _stop_ids(stop_ids)
+    logits = logits.reshape(-1, logits.shape[-1])
+    if logits.shape[0] != 1:
+        raise ValueError(f"inf_mllm: greedy decodes one row, got logits for {logits.shape[0]}")
+    logits = logits[0].float()
+    device = next(model.parameters()).device
+    out: List[int] = []
+    for _ in range(max_new_tokens):
+        nxt = int(torch.argmax(logits))
+        ids = torch.tensor([[nxt]], device=device)
+        logits = model(input_ids=ids, **cache_kwargs(cache), use_cache=True, logits_to_keep=1).logits[0, -1].float()
+        if nxt in stop:
+            break
+        out.append(nxt)
+    return out, logits
+
+
+@torch.no_grad()
+def generate(model, input_ids, *, cache: StreamingCache, chunk: Optional[int] = None, progress: bool = False, **generate_kwargs):
+    """``model.generate`` after any length of input, in constant memory.
+
+    ``input_ids`` ``[1, T]`` are the tokens *not yet* in ``cache`` (the first call: the whole
+    prompt; later calls: what came since). All but the last are streamed into the cache in
+    chunks (:func:`stream`: eviction after each chunk), then ``model.generate`` feeds the last one
+    and decodes with ``generate_kwargs`` (``max_new_tokens``, ``do_sample``, ...). Returns only the
+    new tokens ``[1, n_new]``.
+
+    Why a helper: transformers' ``generate`` feeds ``input_ids[:, cache_position]``, the positions
+    not yet in the cache, so it must be given ids for the whole history (the
+    ``cache.get_seq_length()`` tokens already inside plus at least one new one). Given only the new
+    token after a :func:`stream`, it slices an empty tensor ("cannot reshape tensor of 0
+    elements"). This helper hands it placeholders for the history the cache already holds (with
+    an all-ones attention mask; they are never embedded). Logits processors that look at earlier
+    tokens (``repetition_penalty``, ``no_repeat_ngram_size``) therefore see only ``input_ids``.
+    """
+    if not isinstance(cache, StreamingCache):
+        raise TypeError("inf_mllm: generate() needs cache=<StreamingCache> (from inf_mllm.enable)")
+    ids = as_ids(input_ids)
+    if ids.shape[0] != 1:
+        raise ValueError("inf_mllm: generate() takes one row (batch size 1); use model.generate for padded batches")
+    if ids.shape[1] == 0:
+        raise ValueError("inf_mllm: generate() needs at least one new token")
+    for key in ("cache", "past_key_values", "attention_mask"):
+        if key in generate_kwargs:
+            raise TypeError(f"inf_mllm: generate() sets {key} itself")
+    device = next(model.parameters()).device
+    if ids.shape[1] > 1:
+        stream(model, ids[:, :-1], cache=cache, chunk=chunk, progress=progress)
+    seen = cache.get_seq_length()
+    pad = getattr(getattr(model, "generation_config", None), "pad_token_id", None)
+    if isinstance(pad, (list, tuple)):
+        pad = pad[0] if pad else None
+    filler = int(pad) if pad is not None else int(ids[0, -1])
+    full = torch.cat([torch.full((1, seen), filler, dtype=torch.long), ids[:, -1:].cpu()], dim=1).to(device)
+    out = model.generate(full, attention_mask=torch.ones_like(full), **cache_kwargs(cache), **generate_kwargs)
+    seqs = out.sequences if hasattr(out, "sequences") else out
+    new = seqs[:, seen + 1 :]
+    if hasattr(out, "sequences"):
+        out.sequences = new
+        return out
+    return new

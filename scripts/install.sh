@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Install inf_mllm and what it needs on a fresh CPU machine (the README's two commands and
-# .ci/run start here). Safe to re-run: everything already present is kept.
-#   --test   also install the test tools
+# Install inf_mllm and what it needs on a fresh CPU machine (the README's commands and .ci/run
+# start here). Safe to re-run: everything already present is kept. Also fetches the Austen text
+# (the main job's input) and converts the SmolLM2 GGUF once into a cached checkpoint, so the first
+# command does not pay for either.
+#   --test   also install the test tools (and the sample videos)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -44,3 +46,13 @@ fi
 # the package itself, with its native operators (C++ always, CUDA when torch has it)
 pip_q --no-build-isolation --no-deps -e .
 "$PY" -c "import inf_mllm.ops as o; assert o.native_available(), 'native operators not built'"
+# real text for the main job and the evaluations: Jane Austen from Debian's r-cran-janeaustenr
+# (apt-get download + dpkg-deb, no R); apt's package lists are fetched once if they are missing
+austen() { "$PY" -c "import inf_mllm.data as d; d.load_austen()" 2>/dev/null; }
+if ! austen; then
+  if command -v apt-get >/dev/null && apt-get update -qq >/dev/null 2>&1 && austen; then :; else
+    echo "install.sh: the Austen corpus could not be fetched; use --corpus random or --text FILE (details: python -c 'import inf_mllm.data as d; d.load_austen()')"
+  fi
+fi
+# convert the model once (about 40 s); later loads take seconds
+"$PY" -c "import inf_mllm; inf_mllm.load_model('smollm2')" >/dev/null

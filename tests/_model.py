@@ -1,5 +1,5 @@
-"""Shared fixtures for the model tests: the real SmolLM2 (loaded once per session) and tiny
-random models. Test modules import the fixtures from here."""
+"""Shared fixtures for the model tests: the real SmolLM2 (loaded once per session) and the tiny
+random model (:func:`inf_mllm.models.tiny_llama`). Test modules import the fixtures from here."""
 import os
 
 import pytest
@@ -18,21 +18,8 @@ def smollm():
     return model, tok
 
 
-def tiny_llama(n_layers=2, vocab=128, seed=0, max_pos=8192, **kw):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=vocab, hidden_size=96, intermediate_size=128, head_dim=16, num_hidden_layers=n_layers,
-        num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=max_pos, **kw,
-    )
-    m = LlamaForCausalLM(cfg).eval()
-    # sharper attention than the default init, so that eviction choices matter
-    with torch.no_grad():
-        for layer in m.model.layers:
-            layer.self_attn.q_proj.weight.mul_(8)
-            layer.self_attn.k_proj.weight.mul_(8)
-    return m
+# the one tiny test model (also behind ``load_model("tiny-random")`` and the tiny LLaVA's text side)
+from inf_mllm.models import tiny_llama  # noqa: E402,F401
 
 
 def policy_kwargs(policy, budget, chunk=16):

