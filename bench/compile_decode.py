@@ -15,7 +15,6 @@ The compile time (first calls until the graphs are cached) is reported apart. Ev
 produces the same greedy tokens as ``transformers`` (checked; a mismatch is reported).
 """
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -24,6 +23,7 @@ import time
 import torch
 
 import inf_mllm
+from inf_mllm._compat import CACHE_KW  # the cache keyword of the installed transformers
 from inf_mllm.data import load_corpus
 from inf_mllm.results import make_meta, format_table, write_json
 
@@ -68,19 +68,19 @@ def run(name):
 
             cache = StaticCache(config=model.config, max_cache_len=P + args.warmup + args.steps + 8)
         t0 = time.perf_counter()
-        out = model(ids, past_key_values=cache, cache_position=torch.arange(P), use_cache=True)
+        out = model(ids, **{CACHE_KW: cache}, cache_position=torch.arange(P), use_cache=True)
         prefill = time.perf_counter() - t0
 
         def step(t, pos):
-            return model(t, past_key_values=cache, position_ids=pos, cache_position=pos[0], use_cache=True).logits[:, -1]
+            return model(t, **{CACHE_KW: cache}, position_ids=pos, cache_position=pos[0], use_cache=True).logits[:, -1]
     else:
         cache = inf_mllm.enable(model, "inf_mllm", budget=args.budget)
         t0 = time.perf_counter()
-        out = model(ids, past_key_values=cache, use_cache=True)
+        out = model(ids, **{CACHE_KW: cache}, use_cache=True)
         prefill = time.perf_counter() - t0
 
         def step(t, pos):
-            return model(t, past_key_values=cache, position_ids=pos, use_cache=True).logits[:, -1]
+            return model(t, **{CACHE_KW: cache}, position_ids=pos, use_cache=True).logits[:, -1]
     first = out.logits[:, -1].argmax(-1).view(1, 1)
     if name.endswith("compiled"):
         step = torch.compile(step, fullgraph=True)

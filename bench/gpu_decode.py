@@ -26,6 +26,7 @@ import time
 import torch
 
 import inf_mllm
+from inf_mllm._compat import CACHE_KW  # the cache keyword of the installed transformers
 
 p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 p.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -113,12 +114,12 @@ def stream_policy(m, policy):
         while fed < ckpt:
             n = min(args.chunk, ckpt - fed)
             ids = torch.randint(0, 151936, (1, n), device=dev, generator=g)
-            m(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            m(ids, **{CACHE_KW: cache}, use_cache=True, logits_to_keep=1)
             fed += n
         tok = torch.randint(0, 151936, (1, 1), device=dev, generator=g)
 
         def step():
-            m(tok, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            m(tok, **{CACHE_KW: cache}, use_cache=True, logits_to_keep=1)
 
         for _ in range(2):
             step()
@@ -151,22 +152,22 @@ def graph_step(m):
             if name.startswith("transformers"):
                 m.set_attn_implementation("sdpa")
                 cache = StaticCache(config=m.config, max_cache_len=P + 256)
-                m(ids, past_key_values=cache, cache_position=torch.arange(P, device=dev), use_cache=True,
+                m(ids, **{CACHE_KW: cache}, cache_position=torch.arange(P, device=dev), use_cache=True,
                   logits_to_keep=1)
                 pos = torch.tensor([P], device=dev)
 
                 def f():
-                    return m(tok, past_key_values=cache, cache_position=pos, position_ids=pos[None], use_cache=True,
+                    return m(tok, **{CACHE_KW: cache}, cache_position=pos, position_ids=pos[None], use_cache=True,
                              logits_to_keep=1).logits
 
             else:
                 m.set_attn_implementation("inf_mllm")
                 cache = inf_mllm.enable(m, "inf_mllm", budget=P + 256, n_recent=256, chunk=args.chunk)
                 for s in range(0, P, args.chunk):
-                    m(ids[:, s : s + args.chunk], past_key_values=cache, use_cache=True, logits_to_keep=1)
+                    m(ids[:, s : s + args.chunk], **{CACHE_KW: cache}, use_cache=True, logits_to_keep=1)
 
                 def f():
-                    return m(tok, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+                    return m(tok, **{CACHE_KW: cache}, use_cache=True, logits_to_keep=1).logits
 
             step = torch.compile(f, mode="reduce-overhead", fullgraph=True) if name.endswith("graph") else f
             for _ in range(4):  # compile + record

@@ -1,7 +1,6 @@
 """``inf_mllm.enable``: one line to stream a transformers model in a fixed-size cache."""
 from __future__ import annotations
 
-import inspect
 from typing import Optional, Union
 
 from . import attention  # noqa: F401  (registers the "inf_mllm" attention)
@@ -9,9 +8,9 @@ from ._compat import set_attn_implementation, unsupported_reason
 from .cache import ATTN_IMPL, StreamingCache
 from .policies import Policy, make_policy
 
-# The default prefill chunk: defined once, by the policies (``Policy.__init__``); read here so
-# that the CLI and the docs can name it.
-DEFAULT_CHUNK: int = inspect.signature(Policy.__init__).parameters["chunk"].default
+# The default prefill chunk, defined once by the policies; re-exported so that the CLI and the
+# docs can name it.
+from .policies import DEFAULT_CHUNK  # noqa: E402,F401
 
 
 def enable(

@@ -97,6 +97,9 @@ class StreamingLayer(CacheLayerMixin):
     def get_max_length(self) -> int:
         return -1
 
+    def get_max_cache_shape(self) -> int:  # transformers < 5.13 asks for it
+        return -1
+
     def reset(self) -> None:
         """Forget everything, buffers included (the next forward may use another batch size)."""
         self.buf = None

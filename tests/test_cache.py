@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import inf_mllm
+from inf_mllm._compat import CACHE_KW  # the cache keyword of the installed transformers
 from inf_mllm.modality import TEXT
 from inf_mllm.policies import available_policies, get_policy_class
 
@@ -31,7 +32,7 @@ def test_equals_full_below_budget(model, policy):
     out = inf_mllm.stream(model, ids[:, :40], cache=cache, chunk=16, return_nll=True)
     torch.testing.assert_close(out[0], ref[:, 39], atol=1e-4, rtol=1e-4)
     for t in range(40, 50):
-        lg = model(ids[:, t : t + 1], past_key_values=cache).logits[:, -1]
+        lg = model(ids[:, t : t + 1], **{CACHE_KW: cache}).logits[:, -1]
         torch.testing.assert_close(lg, ref[:, t], atol=1e-4, rtol=1e-4)
     assert cache.get_seq_length() == 50 and cache.lengths() == [50]
     nll = out[1]
@@ -45,13 +46,13 @@ def test_small_budget_never_exceeds_capacity(model, policy):
     cache = inf_mllm.enable(model, policy, **kw)
     pol = cache.policy
     ids = torch.randint(0, 128, (1, 400), generator=torch.Generator().manual_seed(2))
-    lg = inf_mllm.stream(model, ids[:, :300], cache=cache, chunk=8)
+    inf_mllm.stream(model, ids[:, :300], cache=cache, chunk=8)
     for t in range(300, 400):
         for layer in cache.layers:
             assert max(layer.buf.lengths) <= pol.capacity
             assert layer.buf.k.shape[2] == pol.capacity  # allocated once, never grows
             assert int(layer.buf.length[0]) == layer.buf.lengths[0]
-        lg = model(ids[:, t : t + 1], past_key_values=cache).logits
+        model(ids[:, t : t + 1], **{CACHE_KW: cache})
     for layer in cache.layers:
         L = layer.buf.lengths[0]
         pos = layer.buf.position[0, :, :L]
@@ -78,7 +79,7 @@ def test_rolling_positions_exact_after_many_evictions(policy):
     ids = torch.randint(0, 128, (1, 600), generator=torch.Generator().manual_seed(4))
     inf_mllm.stream(m, ids[:, :500], cache=cache, chunk=8)
     for t in range(500, 599):
-        m(ids[:, t : t + 1], past_key_values=cache)
+        m(ids[:, t : t + 1], **{CACHE_KW: cache})
     layer = cache.layers[0]
     assert layer.buf.evictions > 50
     L = layer.buf.lengths[0]
@@ -98,7 +99,7 @@ def test_rolling_positions_exact_after_many_evictions(policy):
         kept = ids[0, pos[0]]
         fresh = _sdpa(m)(torch.cat([kept, ids[0, 599:600]])[None]).logits[:, -1]
         m.set_attn_implementation("inf_mllm")
-        ours = m(ids[:, 599:600], past_key_values=cache).logits[:, -1]
+        ours = m(ids[:, 599:600], **{CACHE_KW: cache}).logits[:, -1]
         torch.testing.assert_close(ours, fresh, atol=1e-4, rtol=1e-4)
 
 
@@ -113,11 +114,11 @@ def test_left_padded_batch_equals_rows_alone(model, policy):
     ids[1, 25:], mask[1, 25:] = b, 1
     kw = policy_kwargs(policy, budget=32, chunk=8)
     cache = inf_mllm.enable(model, policy, **kw)
-    out = model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=12, do_sample=False,
+    out = model.generate(ids, attention_mask=mask, **{CACHE_KW: cache}, max_new_tokens=12, do_sample=False,
                          output_logits=True, return_dict_in_generate=True, pad_token_id=0)
     for row, seq in enumerate((a, b)):
         c1 = inf_mllm.enable(model, policy, **kw)
-        o1 = model.generate(seq[None], past_key_values=c1, max_new_tokens=12, do_sample=False, output_logits=True,
+        o1 = model.generate(seq[None], **{CACHE_KW: c1}, max_new_tokens=12, do_sample=False, output_logits=True,
                             return_dict_in_generate=True, pad_token_id=0)
         assert out.sequences[row, 70:].tolist() == o1.sequences[0, len(seq):].tolist()
         for lb, l1 in zip(out.logits, o1.logits):
@@ -146,7 +147,7 @@ def test_stream_with_padding_mask(model):
 def test_generate_every_policy(model, policy):
     ids = torch.randint(1, 128, (1, 60), generator=torch.Generator().manual_seed(7))  # 0 is the pad id
     cache = inf_mllm.enable(model, policy, **policy_kwargs(policy, budget=32, chunk=16))
-    out = model.generate(ids, past_key_values=cache, max_new_tokens=40, min_new_tokens=40, do_sample=False, pad_token_id=0)
+    out = model.generate(ids, **{CACHE_KW: cache}, max_new_tokens=40, min_new_tokens=40, do_sample=False, pad_token_id=0)
     assert out.shape == (1, 100)
     assert cache.get_seq_length() == 99
     if policy != "full":
@@ -162,7 +163,7 @@ def test_one_long_forward_equals_stream(model, policy):
     kw = policy_kwargs(policy, budget=48, chunk=16)
     c1 = inf_mllm.enable(model, policy, **kw)
     with torch.no_grad():
-        a = model(ids, past_key_values=c1).logits[:, -1]
+        a = model(ids, **{CACHE_KW: c1}).logits[:, -1]
     c2 = inf_mllm.enable(model, policy, **kw)
     b = inf_mllm.stream(model, ids, cache=c2)
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
@@ -210,7 +211,7 @@ def test_cache_needs_inf_mllm_attention(model):
     cache = inf_mllm.enable(model, "window", budget=16, chunk=8)
     model.set_attn_implementation("sdpa")
     with pytest.raises(RuntimeError, match="attn_implementation"):
-        model(torch.zeros(1, 4, dtype=torch.long), past_key_values=cache)
+        model(torch.zeros(1, 4, dtype=torch.long), **{CACHE_KW: cache})
     model.set_attn_implementation("inf_mllm")
 
 
@@ -253,8 +254,6 @@ def test_qwen2_supported():
 
 
 def test_session_many_rounds_constant_memory():
-    from transformers import PreTrainedTokenizerFast  # noqa: F401
-
     m = tiny_llama(n_layers=1, vocab=128)
 
     class Tok:  # minimal tokenizer: bytes mod 128, no chat template

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import inf_mllm
+from inf_mllm._compat import CACHE_KW  # the cache keyword of the installed transformers
 
 from _model import tiny_llama
 
@@ -25,7 +26,7 @@ def test_decode_step_fullgraph(policy):
 
         @torch.no_grad()
         def step(tok, pos):
-            return m(tok, past_key_values=cache, position_ids=pos).logits[:, -1]
+            return m(tok, **{CACHE_KW: cache}, position_ids=pos).logits[:, -1]
 
         # aot_eager: dynamo + functionalisation of the in-place custom ops, without inductor's
         # (slow) C++ compile; fullgraph=True turns any graph break into an error

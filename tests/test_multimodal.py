@@ -144,7 +144,7 @@ def test_video_session_matches_full_under_budget(frames):
     s = inf_mllm.Session(m, None, processor=proc, policy="inf_mllm", budget=200, n_recent=16, window=8, chunk=16)
     s.append_video(frames[:2])
     ans = s.ask("Who?", max_new_tokens=3)
-    assert isinstance(ans, str) and s.stats()["rounds"] == 1
+    assert isinstance(ans, str) and s.stats()["questions"] == 1
 
 
 def test_memory_flat_over_200_frames(frames):

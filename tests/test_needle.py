@@ -140,7 +140,10 @@ def test_needles_seeded_and_distinct():
 
 
 def test_cases_place_needles_in_prose():
-    tok = engine.ByteTokenizer()
+    from inf_mllm.models import byte_tokenizer
+
+    tok = byte_tokenizer()
+    start = needle.doc_start_ids(tok, "auto")
     text = TEXT * 10
     cases = needle.plan_cases(tok, text, lengths=[700, 1200], depths=[0.0, 0.5, 1.0], seeds=[11], kinds=["passkey", "fact"],
                               needles=2, max_new_tokens=8)
@@ -158,11 +161,11 @@ def test_cases_place_needles_in_prose():
         assert c["ids"][:f] == c["prose"][:f]
         # needles sit at sentence boundaries
         for p in c["positions"]:
-            assert p == 1 or tok.decode(c["ids"][:p]).rstrip().endswith((".", "!", "?"))
+            assert p == len(start) or tok.decode(c["ids"][:p]).rstrip().endswith((".", "!", "?"))
         assert c["depths"] == sorted(c["depths"])
     # depth 0: first; depth 1: both needles at the end of the prose
     assert tok.decode(by[("passkey", 700, 0.0)]["ids"]).startswith(by[("passkey", 700, 0.0)]["needles"][0]["needle"])
-    assert all(c["ids"][0] == tok.bos_token_id for c in cases)  # doc_start "auto": the tokenizer's BOS, before any needle
+    assert all(c["ids"][: len(start)] == start for c in cases)  # doc_start "auto": the tokenizer's own start tokens
     end = by[("passkey", 1200, 1.0)]
     assert tok.decode(end["ids"]).endswith(end["needles"][1]["needle"])
     # longer lengths extend the same prose; the kinds share it too

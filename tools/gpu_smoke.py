@@ -15,6 +15,7 @@ import sys
 import torch
 
 import inf_mllm
+from inf_mllm._compat import CACHE_KW  # the cache keyword of the installed transformers
 from inf_mllm.policies import available_policies, get_policy_class
 
 
@@ -47,7 +48,7 @@ def run(model, policy, ids, budget):
     cache = inf_mllm.enable(model, policy, **kwargs(policy, budget))
     lg = inf_mllm.stream(model, ids[:, :-8], cache=cache)
     for t in range(ids.shape[1] - 8, ids.shape[1]):
-        lg = model(ids[:, t : t + 1], past_key_values=cache).logits[:, -1].float()
+        lg = model(ids[:, t : t + 1], **{CACHE_KW: cache}).logits[:, -1].float()
     return lg, cache
 
 

@@ -123,38 +123,23 @@ def is_oom(e: BaseException) -> bool:
     return "out of memory" in str(e).lower()
 
 
-# Which of the CLI's policy arguments each policy takes (the others keep the policy's own,
-# published defaults: e.g. H2O splits its budget half heavy hitters / half recent, and keeps
-# no sinks). A policy not listed here takes those of the CLI's arguments that its class lists in
-# ``defaults``. Extra ``--policy-arg`` keys are passed to every policy but ``full``; ``None``
-# values are dropped (the policy's default applies).
-POLICY_KEYS = {
-    "full": (),
-    "window": ("budget",),
-    "streaming_llm": ("budget", "n_sink"),
-    "h2o": ("budget",),
-    "snapkv": ("budget",),
-    "look_m": ("budget",),
-    "inf_mllm": ("budget", "n_recent", "window", "bias", "n_sink"),
-}
-CLI_KEYS = ("budget", "n_recent", "window", "bias", "n_sink")
-
-
 def _keys_of(policy: str) -> Tuple[str, ...]:
-    if policy in POLICY_KEYS:
-        return POLICY_KEYS[policy]
+    """The CLI's policy options that ``policy`` takes (``Policy.follows``: the others keep the
+    policy's own, published defaults, e.g. H2O's half/half split and no sinks)."""
     from ..policies import get_policy_class
 
-    defaults = getattr(get_policy_class(policy), "defaults", {}) or {}
-    return tuple(k for k in CLI_KEYS if k in defaults)
+    return get_policy_class(policy).common_params()
 
 
 def policy_kwargs(policy: str, args: Dict[str, Any]) -> Dict[str, Any]:
-    """The keyword arguments of ``args`` (the CLI's policy options) that ``policy`` gets."""
+    """The keyword arguments of ``args`` (the CLI's policy options) that ``policy`` gets. Extra
+    ``--policy-arg`` keys go to every policy but ``full``; ``None`` values are dropped."""
+    from ..policies.base import COMMON_PARAMS
+
     args = {k: v for k, v in dict(args).items() if v is not None}
     explicit = tuple(args.pop("__explicit__", ()))
     keys = _keys_of(policy) + (explicit if policy != "full" else ())
-    return {k: v for k, v in args.items() if (k in keys) or (k not in CLI_KEYS and policy != "full")}
+    return {k: v for k, v in args.items() if (k in keys) or (k not in COMMON_PARAMS and policy != "full")}
 
 
 @contextlib.contextmanager

@@ -39,6 +39,9 @@ ORIGINAL = "original"
 #: prefill chunk (tokens per forward of ``inf_mllm.stream``) when the caller gives none
 DEFAULT_CHUNK = 256
 
+#: parameters every policy may have, which evaluations set once for all policies
+COMMON_PARAMS = ("budget", "n_sink", "n_recent", "window", "bias")
+
 _REGISTRY: Dict[str, Type["Policy"]] = {}
 
 
@@ -119,13 +122,24 @@ class Policy:
             default of ``None`` for ``n_recent`` means :meth:`default_n_recent`.
         grows: the buffers grow instead of evicting (``full`` only).
         keep_scores: scores move with their tokens at eviction (else they are zeroed).
+        follows: which of ``COMMON_PARAMS`` the policy takes from settings shared by all policies
+            (an evaluation's ``--budget``, ``--n-recent``, ...); the others keep the policy's own,
+            published defaults. ``None``: every common parameter it has.
     """
 
     name: str = ""
     positions: str = ROLLING
     grows: bool = False
     keep_scores: bool = False
+    follows: Optional[Tuple[str, ...]] = None
     defaults: dict = dict(budget=2048, n_sink=4, n_recent=256, window=32, bias=0.0)
+
+    @classmethod
+    def common_params(cls) -> Tuple[str, ...]:
+        """The common parameters this policy takes from shared settings (see ``follows``)."""
+        if cls.follows is not None:
+            return tuple(cls.follows)
+        return tuple(k for k in COMMON_PARAMS if k in cls.defaults)
 
     def __init__(self, chunk: int = DEFAULT_CHUNK, **kwargs):
         params = dict(self.defaults)

@@ -6,6 +6,7 @@ from .base import ORIGINAL, Policy, register_policy
 class FullPolicy(Policy):
     name = "full"
     positions = ORIGINAL
+    follows = ()
     grows = True
     defaults = dict(budget=2048, n_sink=0, n_recent=0, window=0, bias=0.0)
 

@@ -8,6 +8,7 @@ from .base import ORIGINAL, Policy, Scoring, register_policy
 class H2OPolicy(Policy):
     name = "h2o"
     positions = ORIGINAL
+    follows = ("budget",)  # its published split: half heavy hitters, half recent; no sinks
     keep_scores = True
     defaults = dict(budget=2048, n_sink=0, n_recent=None, window=0, bias=0.0)
 

@@ -26,6 +26,7 @@ MERGES = ("pivotal", "average", "weighted")
 @register_policy
 class LookMPolicy(CompressOncePolicy):
     name = "look_m"
+    follows = ("budget",)
     defaults = dict(budget=2048, n_sink=0, n_recent=32, window=0, bias=0.0, merge="pivotal")
 
     def validate(self):

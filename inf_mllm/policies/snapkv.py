@@ -21,6 +21,7 @@ def max_pool_slots(scores, k: int):
 @register_policy
 class SnapKVPolicy(CompressOncePolicy):
     name = "snapkv"
+    follows = ("budget",)  # its published observation window and pooling
     defaults = dict(budget=2048, n_sink=0, n_recent=None, window=32, bias=0.0, kernel=7)
 
     @staticmethod

@@ -7,6 +7,7 @@ from .base import ROLLING, Policy, register_policy
 class StreamingLLMPolicy(Policy):
     name = "streaming_llm"
     positions = ROLLING
+    follows = ("budget", "n_sink")
     defaults = dict(budget=2048, n_sink=4, n_recent=None, window=0, bias=0.0)
 
     def validate(self):

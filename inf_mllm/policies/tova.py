@@ -11,6 +11,7 @@ from .base import ORIGINAL, Policy, Scoring, register_policy
 class TOVAPolicy(Policy):
     name = "tova"
     positions = ORIGINAL
+    follows = ("budget",)
     defaults = dict(budget=2048, n_sink=0, n_recent=0, window=1, bias=0.0)
 
     def validate(self):

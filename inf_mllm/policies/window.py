@@ -6,6 +6,7 @@ from .base import ROLLING, Policy, register_policy
 class WindowPolicy(Policy):
     name = "window"
     positions = ROLLING
+    follows = ("budget",)
     defaults = dict(budget=2048, n_sink=0, n_recent=None, window=0, bias=0.0)
 
     def validate(self):
