@@ -91,8 +91,10 @@ class StreamingLayer(CacheLayerMixin):
     def get_seq_length(self) -> int:
         return self.seen
 
-    def get_mask_sizes(self, query_length: int):
-        return self.seen + query_length, 0
+    def get_mask_sizes(self, query_length):
+        # transformers < 5.13 passes the cache_position tensor instead of the query length
+        n = query_length.shape[0] if isinstance(query_length, torch.Tensor) else query_length
+        return self.seen + n, 0
 
     def get_max_length(self) -> int:
         return -1

@@ -99,7 +99,8 @@ def test_generate_last_token_alone_fails_in_transformers_and_not_with_the_helper
     ids = _ids(100)
     cache = inf_mllm.enable(model, budget=64, n_recent=8, chunk=16)
     inf_mllm.stream(model, ids, cache=cache)
-    with pytest.raises(RuntimeError, match="0 elements"):
+    # 5.24: "cannot reshape tensor of 0 elements"; 5.0: an IndexError on the empty slice
+    with pytest.raises((RuntimeError, IndexError)):
         model.generate(ids[:, -1:], **{CACHE_KW: cache}, max_new_tokens=2, do_sample=False, pad_token_id=0)
     cache = inf_mllm.enable(model, budget=64, n_recent=8, chunk=16)
     inf_mllm.stream(model, ids, cache=cache)
