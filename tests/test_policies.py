@@ -249,3 +249,29 @@ def test_compress_once_per_prompt_piece():
 def test_window_policies_refuse_n_recent(name):
     with pytest.raises(ValueError, match="n_recent does not apply"):
         make_policy(name, budget=64, n_recent=16)
+
+
+def test_inf_mllm_novelty_ranking_equals_plain_recomputation():
+    # rank = z(scores) + w * z(-cos(k, mean direction)) over the middle slots, then max-pooled
+    pol = make_policy("inf_mllm", budget=10, n_sink=2, n_recent=3, window=4, chunk=8, h_life=64, novelty=1.5, pool=3)
+    lay = filled_buffers(B=2, H=2, lengths=(24, 9), C=24, policy=pol, seed=3)
+    got = pol.rank(lay, [0])
+    k = lay.k[0, :, :24].double()
+    kn = k / k.norm(dim=-1, keepdim=True)
+    mean_dir = kn.mean(1, keepdim=True)
+    nov = -(kn * mean_dir / mean_dir.norm(dim=-1, keepdim=True)).sum(-1)
+
+    def z(x):
+        m = x[:, 2:21]
+        return (x - m.mean(-1, keepdim=True)) / m.std(-1, keepdim=True)
+
+    comb = z(lay.scores[0, :, :24].double()) + 1.5 * z(nov)
+    pooled = torch.stack([comb[:, max(0, j - 1) : j + 2].max(-1).values for j in range(24)], -1)
+    torch.testing.assert_close(got[0, :, :24].double(), pooled, atol=1e-5, rtol=1e-5)
+    # eviction keeps sinks, recent and the best 5 by that ranking
+    order = torch.sort(pooled[:, 2:21], dim=-1, descending=True, stable=True).indices[:, :5] + 2
+    pol.evict(lay, [0, 1])
+    assert lay.lengths == [10, 9]
+    for h in range(2):
+        want = sorted([0, 1] + order[h].tolist() + [21, 22, 23])
+        assert lay.position[0, h, :10].tolist() == want

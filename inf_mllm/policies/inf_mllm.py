@@ -13,13 +13,19 @@ slot, falling to 0 at the oldest; the same ``bias`` means the same at any budget
 When it evicts: after every prefill chunk that leaves a row over budget, and every ``window``
 decode steps once over budget. Rolling positions.
 
-What it keeps: sinks, the last ``n_recent`` tokens, and the best by score — max-pooled over
-``pool`` neighbouring slots when ``pool > 1``, so a phrase is kept or evicted together.
+What it keeps: sinks, the last ``n_recent`` tokens, and the best of the rest by a ranking. With
+``novelty=0`` the ranking is the score; with ``novelty=w > 0`` it is ``z(score) + w * z(novelty)``,
+where ``novelty_j = -cos(k_j, mean direction of the cached keys)`` (key novelty, as in KeyDiff:
+a key unlike the others carries something the others do not; computed at eviction in
+``O(C * D)`` from the stored keys, which are position-free in rolling mode) and ``z`` standardises
+over the candidate (middle) slots. The ranking is max-pooled over ``pool`` neighbouring slots
+when ``pool > 1``, so a phrase is kept or evicted together.
 ``min_text_slots=N`` (multimodal quota, ours): after an eviction each KV head keeps at least
 ``min(N, text tokens held before it)`` text slots (sinks and recent count), so a stream of
 video frames cannot push out the text (question, instructions).
 """
 import torch
+import torch.nn.functional as F
 
 from ..modality import TEXT
 from ..ops import BIAS_MODES
@@ -32,7 +38,7 @@ class InfMLLMPolicy(Policy):
     name = "inf_mllm"
     positions = ROLLING
     defaults = dict(budget=2048, n_sink=4, n_recent=256, window=32, bias=1e-3, bias_mode="absolute", h_life=0,
-                    pool=1, min_text_slots=0)
+                    novelty=0.0, pool=1, min_text_slots=0)
 
     def validate(self):
         p = self.params
@@ -41,6 +47,7 @@ class InfMLLMPolicy(Policy):
         if p["bias_mode"] not in BIAS_MODES:
             raise ValueError(f"inf_mllm: bias_mode must be one of {BIAS_MODES}, got {p['bias_mode']!r}")
         check_number("h_life", p["h_life"], 0.0)
+        check_number("novelty", p["novelty"], 0.0)
         check_int("pool", p["pool"], 1)
         if p["pool"] % 2 == 0:
             raise ValueError(f"inf_mllm: pool must be odd, got {p['pool']}")
@@ -86,8 +93,19 @@ class InfMLLMPolicy(Policy):
 
     # -- what it keeps --------------------------------------------------------------------
     def rank(self, buf, rows):
-        k = self.params["pool"]
-        return max_pool_slots(buf.scores, k) if k > 1 else None
+        w, k = self.params["novelty"], self.params["pool"]
+        if not w and k == 1:
+            return None  # the scores as they are
+        r = buf.scores
+        if w:
+            r = r.clone()
+            for b in rows:
+                T = buf.lengths[b]
+                lo, hi = self.n_sink, T - self.n_recent
+                if hi - lo > 1:
+                    nov = key_novelty(buf.k[b, :, :T])
+                    r[b, :, :T] = _standardise(buf.scores[b, :, :T], lo, hi) + w * _standardise(nov, lo, hi)
+        return max_pool_slots(r, k) if k > 1 else r
 
     def protect(self, buf, rows):
         """The best-ranked text slots of the middle, so that >= min_text_slots text slots stay."""
@@ -111,3 +129,17 @@ class InfMLLMPolicy(Policy):
             pick = torch.arange(T, device=cand.device)[None, :] < need[:, None]
             prot[b, :, :T].scatter_(1, order, pick.expand_as(text).contiguous())
         return prot
+
+
+def key_novelty(k: torch.Tensor) -> torch.Tensor:
+    """``[H, T]``: minus the cosine of each key ``k [H, T, D]`` with the mean direction of the ``T``
+    keys of its head (higher: more unlike the others)."""
+    kn = F.normalize(k.float(), dim=-1)
+    anchor = F.normalize(kn.mean(1, keepdim=True), dim=-1)
+    return -(kn * anchor).sum(-1)
+
+
+def _standardise(x: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """``x [H, T]`` minus the mean, over the standard deviation, of its columns ``lo:hi``."""
+    mid = x[:, lo:hi].double()
+    return ((x.double() - mid.mean(-1, keepdim=True)) / mid.std(-1, keepdim=True).clamp_min(1e-12)).float()
