@@ -59,11 +59,13 @@ class KVBuffers:
 
     def _alloc(self, B, H, C, D):
         dev = self.device
-        self.k = torch.zeros(B, H, C, D, dtype=self.dtype, device=dev)
-        self.v = torch.zeros(B, H, C, D, dtype=self.dtype, device=dev)
+        # slots >= length are never read (the operators' contract), so only the scores, which new
+        # tokens add to, start at zero; the rest is touched (and paid for) as it fills
+        self.k = torch.empty(B, H, C, D, dtype=self.dtype, device=dev)
+        self.v = torch.empty(B, H, C, D, dtype=self.dtype, device=dev)
         self.scores = torch.zeros(B, H, C, dtype=torch.float32, device=dev)
-        self.modality = torch.zeros(B, H, C, dtype=torch.int8, device=dev)
-        self.position = torch.full((B, H, C), -1, dtype=torch.int32, device=dev)
+        self.modality = torch.empty(B, H, C, dtype=torch.int8, device=dev)
+        self.position = torch.empty(B, H, C, dtype=torch.int32, device=dev)
         setattr(self.k, OWNER_ATTR, self.owner)
         _static(self.k, self.v, self.scores, self.modality, self.position)
 
