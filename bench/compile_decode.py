@@ -9,7 +9,8 @@ steps timed one by one (median and best). Four ways to decode:
 * ``transformers-static-compiled``: ``StaticCache`` with ``torch.compile(fullgraph=True)``
   (inductor), transformers' own recipe for a compiled decode;
 * ``inf_mllm``: ``inf_mllm.enable(policy="inf_mllm", budget=--budget)``, eager;
-* ``inf_mllm-compiled``: the same decode step under ``torch.compile(fullgraph=True)`` (inductor).
+* ``inf_mllm-compiled``: ``inf_mllm.compile_decode`` (the forward under ``torch.compile(fullgraph=True)``,
+  inductor; the policy's decisions and evictions eager around it).
 
 The compile time (first calls until the graphs are cached) is reported apart. Every variant
 produces the same greedy tokens as ``transformers`` (checked; a mismatch is reported).
@@ -79,10 +80,15 @@ def run(name):
         out = model(ids, **{CACHE_KW: cache}, use_cache=True)
         prefill = time.perf_counter() - t0
 
+        # compiled: bookkeeping and evictions outside the graph, one graph for every step
+        fast = inf_mllm.compile_decode(model, cache) if name.endswith("compiled") else None
+
         def step(t, pos):
+            if fast is not None:
+                return fast(t)
             return model(t, **{CACHE_KW: cache}, position_ids=pos, use_cache=True).logits[:, -1]
     first = out.logits[:, -1].argmax(-1).view(1, 1)
-    if name.endswith("compiled"):
+    if name.startswith("transformers") and name.endswith("compiled"):
         step = torch.compile(step, fullgraph=True)
     toks, times = decode(step, first)
     timed = times[args.warmup:]

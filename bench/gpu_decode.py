@@ -166,10 +166,15 @@ def graph_step(m):
                 for s in range(0, P, args.chunk):
                     m(ids[:, s : s + args.chunk], **{CACHE_KW: cache}, use_cache=True, logits_to_keep=1)
 
+                # graph: bookkeeping and evictions outside the graph (one graph, replayed every step)
+                fast = inf_mllm.compile_decode(m, cache, mode="reduce-overhead") if name.endswith("graph") else None
+
                 def f():
+                    if fast is not None:
+                        return fast(tok)
                     return m(tok, **{CACHE_KW: cache}, use_cache=True, logits_to_keep=1).logits
 
-            step = torch.compile(f, mode="reduce-overhead", fullgraph=True) if name.endswith("graph") else f
+            step = torch.compile(f, mode="reduce-overhead", fullgraph=True) if name == "transformers-static-graph" else f
             for _ in range(4):  # compile + record
                 step()
             if dev.type == "cuda":

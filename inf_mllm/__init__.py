@@ -9,6 +9,7 @@ _LAZY = {
     "stream": ("streaming", "stream"),
     "generate": ("streaming", "generate"),
     "greedy": ("streaming", "greedy"),
+    "compile_decode": ("streaming", "compile_decode"),
     "CACHE_KW": ("_compat", "CACHE_KW"),
     "Session": ("session", "Session"),
     "load_model": ("models", "load_model"),

@@ -104,9 +104,11 @@ class KVBuffers:
         return new
 
     # ---- writes ------------------------------------------------------------------------
-    def append(self, kn: torch.Tensor, vn: torch.Tensor, modality: int, rows: Optional[slice] = None) -> None:
+    def append(self, kn: torch.Tensor, vn: torch.Tensor, modality: int, rows: Optional[slice] = None,
+               count: bool = True) -> None:
         """Write ``m`` new tokens ``kn, vn [b, Hkv, m, D]`` at slots ``length..length+m-1`` of
-        ``rows`` (default all), tag them, record their stream positions, advance the counters."""
+        ``rows`` (default all), tag them, record their stream positions, advance the counters
+        (the host copy ``lengths`` too, unless ``count=False``: the caller does it later)."""
         g = slice(None) if rows is None else rows
         idx = range(self.batch)[g]
         length, fed = self.length[g], self.fed[g]
@@ -114,7 +116,7 @@ class KVBuffers:
         pos = (fed[:, None] + torch.arange(m, device=kn.device)).to(torch.int32)[:, None, :]  # [b, 1, m]
         # eager, the usual case (every row at the same slot): plain slices. Compiled: tensor indices
         # only, so that no slot number becomes part of the graph (it would recompile every step)
-        starts = None if torch.compiler.is_compiling() else {self.lengths[b] for b in idx}
+        starts = None if torch.compiler.is_compiling() or not count else {self.lengths[b] for b in idx}
         if starts is not None and len(starts) == 1:
             L = starts.pop()
             sl = slice(L, L + m)
@@ -131,8 +133,9 @@ class KVBuffers:
             self.modality[g][bidx, :, slots] = modality
         fed += m
         length += m
-        for b in idx:
-            self.lengths[b] += m
+        if count:
+            for b in idx:
+                self.lengths[b] += m
 
     def grow(self, needed: int) -> None:
         """Enlarge the buffers to at least ``needed`` slots (policy ``full`` only)."""

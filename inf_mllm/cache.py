@@ -33,7 +33,7 @@ from . import ops
 from ._compat import Cache, CacheLayerMixin, find_rotary, get_attn_implementation, text_config, unsupported_reason
 from .buffers import KVBuffers
 from .modality import NAMES, TEXT, modality_code
-from .policies import DEFAULT_CHUNK, Policy, make_policy
+from .policies import DEFAULT_CHUNK, Policy, Scoring, make_policy
 from .rope import Rope, unrotate
 
 ATTN_IMPL = "inf_mllm"
@@ -54,6 +54,7 @@ class StreamingLayer(CacheLayerMixin):
         self.buf: Optional[KVBuffers] = None
         self.seen = 0  # tokens fed to this layer, pads included (transformers' sequence length)
         self.pending = None
+        self.plan = None  # the Scoring of a planned decode step (see StreamingCache.plan_decode_step)
 
     @property
     def cache(self) -> "StreamingCache":
@@ -84,7 +85,8 @@ class StreamingLayer(CacheLayerMixin):
                 "or make a new cache"
             )
         self.pending = (key_states, value_states)
-        self.seen += key_states.shape[-2]
+        if self.plan is None:  # (a planned step counts it afterwards, outside the graph)
+            self.seen += key_states.shape[-2]
         self.keys, self.values = self.buf.k, self.buf.v  # (``full`` may have grown them)
         return self.keys, self.values
 
@@ -94,6 +96,8 @@ class StreamingLayer(CacheLayerMixin):
     def get_mask_sizes(self, query_length):
         # transformers < 5.13 passes the cache_position tensor instead of the query length
         n = query_length.shape[0] if isinstance(query_length, torch.Tensor) else query_length
+        if self.plan is not None:  # a planned step: a size that does not change from step to step
+            return self.buf.capacity + n, 0  # (the "inf_mllm" mask function does not use it)
         return self.seen + n, 0
 
     def get_max_length(self) -> int:
@@ -133,6 +137,8 @@ class StreamingLayer(CacheLayerMixin):
         B, Hq, n, D = query.shape
         real = _real_tokens(attention_mask, n, query.device)
         cos_t = sin_t = None
+        if self.plan is not None:
+            return self._attend_planned(query, kn, vn, position_ids, scaling)
         if cache.policy.rolling:
             cos, sin = cache.rope.at(position_ids, n, self.seen - n, query, fresh=self.layer_idx == 0)
             query, kn = unrotate(query, cos, sin), unrotate(kn, cos, sin)
@@ -151,6 +157,21 @@ class StreamingLayer(CacheLayerMixin):
                 self._feed([b], query[sb, :, idx], kn[sb, :, idx], vn[sb, :, idx], res, scaling, cos_t, sin_t, phase)
                 out[b, :, idx] = res[0]
         return out
+
+    def _attend_planned(self, query, kn, vn, position_ids, scaling) -> torch.Tensor:
+        """A planned decode step (one token per row, room made, scoring decided beforehand): tensor
+        work only, no host counter read or written, so it compiles into one replayable graph."""
+        cache, buf, sc = self.cache, self.buf, self.plan
+        cos_t = sin_t = None
+        if cache.policy.rolling:
+            cos, sin = cache.rope.at(position_ids, 1, 0, query, fresh=self.layer_idx == 0)
+            query, kn = unrotate(query, cos, sin), unrotate(kn, cos, sin)
+            cos_t, sin_t = cache.rope.slot_table(query.device)
+        buf.append(kn, vn, cache._modality, count=False)
+        return ops.attention_with_scores(
+            query, buf.k, buf.v, buf.length, None if sc is _NO_SCORING else buf.scores, scale=scaling, cos=cos_t,
+            sin=sin_t, **_scoring_args(None if sc is _NO_SCORING else sc), check_values=False,
+        )
 
     def _feed(self, rows: List[int], q, kn, vn, out, scaling, cos_t, sin_t, phase) -> None:
         """Write and attend the ``n`` new tokens of ``rows`` (all rows, or one row alone) in pieces
@@ -182,6 +203,9 @@ class StreamingLayer(CacheLayerMixin):
             )
             pol.evict(buf, pol.due(buf, m, phase, rows))
             i += m
+
+
+_NO_SCORING = object()  # the plan of a step that does not score
 
 
 def _scoring_args(sc) -> dict:
@@ -234,6 +258,7 @@ class StreamingCache(Cache):
         self.config = model.config
         self.rope = Rope(find_rotary(model), pol.capacity)
         self._modality = TEXT
+        self._plans: dict = {}
 
     def _attn_impl(self):
         return get_attn_implementation(self)
@@ -281,6 +306,51 @@ class StreamingCache(Cache):
             "evictions": evictions,
             "cache_bytes": nbytes,
         }
+
+    def get_query_offset(self, layer_idx: int = 0):
+        layer = self.layers[layer_idx]
+        if layer.plan is not None:  # a planned step: a constant (the "inf_mllm" mask function does not use it)
+            return 0
+        return layer.get_seq_length()
+
+    def plan_decode_step(self) -> None:
+        """Do eagerly what the policy decides before a decode step of one token per row (room,
+        scoring), so that the forward itself only does tensor work (see ``inf_mllm.compile_decode``).
+        Follow it by one forward of one token per row, then :meth:`finish_decode_step`."""
+        if self.policy.grows:
+            raise ValueError(f"inf_mllm: a planned decode step needs a fixed-size cache; policy {self.policy.name!r} grows")
+        pol = self.policy
+        for layer in self.layers:
+            buf = layer.buf
+            if buf is None:
+                raise RuntimeError("inf_mllm: a planned decode step needs a cache that has seen a prompt")
+            rows = list(range(buf.batch))
+            pol.before(buf, 1, "decode", rows)
+            full = [b for b in rows if buf.lengths[b] >= buf.capacity]
+            if full:
+                pol.make_room(buf, 1, full)
+            sc = pol.scoring(buf, 1, "decode", rows)
+            if sc is not None and sc.restart:
+                buf.reset_scores(sc.restart)
+            if sc is None:
+                layer.plan = _NO_SCORING
+            else:  # one object per distinct scoring, so a compiled step sees the same constants
+                key = (sc.window, sc.bias, sc.bias_mode, sc.decay)
+                layer.plan = self._plans.setdefault(key, Scoring(*key))
+
+    def finish_decode_step(self) -> None:
+        """The host side of a planned decode step: counters, then the evictions now due."""
+        pol = self.policy
+        for layer in self.layers:
+            if layer.plan is None:
+                continue
+            layer.plan = None
+            layer.seen += 1
+            buf = layer.buf
+            rows = list(range(buf.batch))
+            for b in rows:
+                buf.lengths[b] += 1
+            pol.evict(buf, pol.due(buf, 1, "decode", rows))
 
     def clone(self) -> "StreamingCache":
         """An independent copy of the cache (buffers, counters, policy state), e.g. to ask several

@@ -9,7 +9,7 @@ import torch
 from ._compat import cache_kwargs
 from .cache import StreamingCache
 
-__all__ = ["stream", "greedy", "generate", "as_ids"]
+__all__ = ["stream", "greedy", "generate", "as_ids", "compile_decode"]
 
 
 def as_ids(ids, name: str = "input_ids") -> torch.Tensor:
@@ -247,3 +247,43 @@ def generate(model, input_ids, *, cache: StreamingCache, chunk: Optional[int] = 
         out.sequences = new
         return out
     return new
+
+
+def compile_decode(model, cache: StreamingCache, **compile_kwargs):
+    """A decode step of one token per row, with the model's forward compiled whole.
+
+    Returns ``step(tokens [B, 1]) -> logits [B, V]`` (float32). The forward runs under
+    ``torch.compile(fullgraph=True, **compile_kwargs)`` (e.g. ``mode="reduce-overhead"`` for CUDA
+    graphs on a GPU); what the policy decides (making room, how the step scores, evictions) and the
+    host counters are done eagerly around it (``StreamingCache.plan_decode_step`` /
+    ``finish_decode_step``), so the compiled step holds only tensor work and no Python integer
+    that changes from step to step: the same graph replays at every step, evictions included.
+    Needs a fixed-size policy and a cache that has seen the prompt (e.g. by :func:`stream`).
+    """
+    if not isinstance(cache, StreamingCache):
+        raise TypeError("inf_mllm: compile_decode() needs cache=<StreamingCache> (from inf_mllm.enable)")
+    if cache.policy.grows:
+        raise ValueError(f"inf_mllm: compile_decode needs a fixed-size cache; policy {cache.policy.name!r} grows")
+
+    def forward(tok, pos):
+        return model(tok, **cache_kwargs(cache), position_ids=pos, cache_position=pos[0], use_cache=True,
+                     logits_to_keep=1).logits[:, -1]
+
+    compiled = torch.compile(forward, fullgraph=True, **compile_kwargs)
+
+    @torch.no_grad()
+    def step(tokens) -> torch.Tensor:
+        tok = as_ids(tokens, "tokens")
+        if tok.shape[1] != 1:
+            raise ValueError(f"inf_mllm: a decode step takes one token per row, got shape {tuple(tok.shape)}")
+        buf = cache.layers[0].buf
+        if buf is None:
+            raise RuntimeError("inf_mllm: compile_decode's step needs a cache that has seen a prompt (stream it first)")
+        pos = buf.fed.clone()[:, None]  # each row's next stream position (device; no sync)
+        cache.plan_decode_step()
+        try:
+            return compiled(tok.to(pos.device), pos).float()
+        finally:
+            cache.finish_decode_step()
+
+    return step
