@@ -216,7 +216,7 @@ def test_inf_mllm_persistent_scores_decay_and_move():
 
 
 def test_inf_mllm_pooling_keeps_neighbours():
-    pol = make_policy("inf_mllm", budget=8, n_sink=1, n_recent=2, window=4, chunk=8, h_life=64, pool=3)
+    pol = make_policy("inf_mllm", budget=8, n_sink=1, n_recent=2, window=4, chunk=8, h_life=64, pool=3, novelty=0)
     lay = filled_buffers(B=1, H=1, lengths=(24,), C=24, policy=pol)
     lay.scores.zero_()
     lay.scores[0, 0, 10] = 1.0

@@ -138,7 +138,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     # document's first or last sentence) x 2 seeds = 12 cases per policy and budget
     "passkey-prose": dict(lengths="640", depths="10,26,42,58,74,90", needles_per_cell=2, kind="passkey", needles=1,
                           budgets="256,128", n_recent=32, chunk=64,
-                          policies="full,streaming_llm,h2o,snapkv,look_m,inf_mllm", tag="passkey_prose"),
+                          policies="full,streaming_llm,h2o,snapkv,look_m,tova,inf_mllm", tag="passkey_prose"),
 }
 
 

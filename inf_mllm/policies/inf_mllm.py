@@ -37,8 +37,11 @@ from .snapkv import max_pool_slots
 class InfMLLMPolicy(Policy):
     name = "inf_mllm"
     positions = ROLLING
-    defaults = dict(budget=2048, n_sink=4, n_recent=256, window=32, bias=1e-3, bias_mode="absolute", h_life=0,
-                    novelty=0.0, pool=1, min_text_slots=0)
+    # bias/bias_mode/h_life/novelty/pool: chosen on the needle evaluation's tune seeds and on
+    # streaming perplexity (docs/method.md, "Defaults"); the first version is h_life=0,
+    # bias_mode="absolute", bias=1e-3, novelty=0, pool=1
+    defaults = dict(budget=2048, n_sink=4, n_recent=256, window=32, bias=1.0, bias_mode="relative", h_life=4096.0,
+                    novelty=2.0, pool=7, min_text_slots=0)
 
     def validate(self):
         p = self.params
