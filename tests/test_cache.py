@@ -170,6 +170,44 @@ def test_one_long_forward_equals_stream(model, policy):
     assert c1.lengths() == c2.lengths() and c1.stats()["evictions"] == c2.stats()["evictions"]
 
 
+@pytest.mark.parametrize("bias_mode", ["relative", "absolute"])
+def test_inf_mllm_scores_equal_plain_recomputation(bias_mode):
+    # SPEC §5 (revised): over several calls (prefill chunks of several sizes, one shorter than the
+    # window, then decode steps), each call first decays the scores by 2 ** (-n / h_life), then adds
+    # the attention of its last min(w, n) queries (mean over the GQA group) plus the bias. Below the
+    # budget a slot is the token's position, so the model's own eager attention gives the reference.
+    m = tiny_llama(n_layers=2, seed=5)
+    calls, w, h, beta = [20, 12, 5, 1, 1, 1, 1], 8, 40.0, (0.5 if bias_mode == "relative" else 1e-3)
+    T = sum(calls)
+    ids = torch.randint(0, 128, (1, T), generator=torch.Generator().manual_seed(4))
+    cache = inf_mllm.enable(m, "inf_mllm", budget=128, n_recent=8, window=w, bias=beta, bias_mode=bias_mode,
+                            h_life=h, novelty=0, pool=1, chunk=32)
+    pos = 0
+    with torch.no_grad():
+        for n in calls:
+            m(ids[:, pos : pos + n], **{CACHE_KW: cache})
+            pos += n
+        eager = tiny_llama(n_layers=2, seed=5)
+        eager.set_attn_implementation("eager")
+        att = eager(ids, output_attentions=True).attentions  # per layer [1, Hq, T, T]
+    assert cache.lengths() == [T] and cache.stats()["evictions"] == 0
+    for li, a in enumerate(att):
+        Hq = a.shape[1]
+        Hkv = cache.layers[li].buf.k.shape[1]
+        P = a[0].double().view(Hkv, Hq // Hkv, T, T).mean(1)
+        ref = torch.zeros(Hkv, T, dtype=torch.float64)
+        pos = 0
+        for n in calls:
+            ref *= 2.0 ** (-n / h)
+            for i in range(pos + n - min(w, n), pos + n):
+                j = torch.arange(i + 1, dtype=torch.float64)
+                bias = beta * (j + 1) / (i + 1) ** 2 if bias_mode == "relative" else beta * j
+                ref[:, : i + 1] += P[:, i, : i + 1] + bias
+            pos += n
+        got = cache.layers[li].buf.scores[0, :, :T].double()
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("policy", ["inf_mllm", "snapkv", "full"])
 def test_clone_is_independent_and_equal(model, policy):
     ids = torch.randint(0, 128, (1, 160), generator=torch.Generator().manual_seed(2))
