@@ -51,6 +51,13 @@ typedef float vf_u __attribute__((vector_size(sizeof(float) * W), aligned(4), ma
 inline vf loadu(const float* p) { return *reinterpret_cast<const vf_u*>(p); }
 inline void storeu(float* p, vf x) { *reinterpret_cast<vf_u*>(p) = x; }
 
+#if defined(__has_builtin) && !defined(INF_MLLM_NO_SHUFFLEVECTOR)
+#if __has_builtin(__builtin_shufflevector)
+#define INF_MLLM_HAS_SHUFFLEVECTOR 1
+#endif
+#endif
+
+#ifdef INF_MLLM_HAS_SHUFFLEVECTOR
 // fold<S>(x, y): for each group of 2S lanes, the first S lanes get x's two S-halves added, the
 // last S lanes y's. Applied with S = 1, 2, .., W/2 to W vectors pairwise, lane u of the one
 // vector left holds the sum of all lanes of vector u.
@@ -77,6 +84,18 @@ inline vf lane_sums(vf* a) {  // a[W] -> (sum of a[0], .., sum of a[W - 1]); a i
   if constexpr (W >= 16) fold_level<8>(a);
   return a[0];
 }
+#else
+// Compilers without __builtin_shufflevector (GCC < 12): the lane sums one vector at a time.
+inline vf lane_sums(vf* a) {
+  vf r;
+  for (int u = 0; u < W; ++u) {
+    float t = 0.f;
+    for (int l = 0; l < W; ++l) t += a[u][l];
+    r[u] = t;
+  }
+  return r;
+}
+#endif
 
 inline float as_float(uint32_t u) { return __builtin_bit_cast(float, u); }
 inline uint32_t as_bits(float f) { return __builtin_bit_cast(uint32_t, f); }
