@@ -152,6 +152,31 @@ def _attend_run(q, k, v, L, out, scores, scale, w, we, bias, bias_mode, decay, c
         sc.add_(col.to(scores.dtype))
 
 
+# Calls with at most this many queries per row (a decode step) go to the fused native kernel
+# (torch.ops.inf_mllm.attention_decode, csrc/attention_cpu.cpp) when the library has it; longer
+# chunks (prefill) keep the SDPA path below.
+NATIVE_DECODE_MAX_N = 8
+_NATIVE_DECODE: Optional[bool] = None
+
+
+def native_decode_available() -> bool:
+    """True when the native library registers a CPU kernel for ``inf_mllm::attention_decode``."""
+    global _NATIVE_DECODE
+    if _NATIVE_DECODE is None:
+        _NATIVE_DECODE = torch._C._dispatch_has_kernel_for_dispatch_key("inf_mllm::attention_decode", "CPU")
+    return _NATIVE_DECODE
+
+
+def _use_native_decode(q, k, v, n) -> bool:
+    return (
+        n <= NATIVE_DECODE_MAX_N
+        and q.dtype in (torch.float32, torch.bfloat16, torch.float16)
+        and q.device.type == "cpu"
+        and native_decode_available()
+        and q.is_contiguous() and k.is_contiguous() and v.is_contiguous()
+    )
+
+
 def attention_with_scores_torch(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -167,6 +192,12 @@ def attention_with_scores_torch(
     decay: float = 1.0,
 ) -> torch.Tensor:
     B, Hq, n, D = q.shape
+    if _use_native_decode(q, k, v, n):
+        if cos is not None and cos.dtype != torch.float32:
+            cos, sin = cos.float(), sin.float()
+        return torch.ops.inf_mllm.attention_decode(
+            q, k, v, length, scores if window > 0 else None, scale, window, bias, cos, sin, bias_mode, decay
+        )
     Hkv = k.shape[1]
     G = Hq // Hkv
     cdt = torch.float64 if q.dtype == torch.float64 else torch.float32

@@ -47,9 +47,18 @@ COMPACT_SCHEMA = (
     "bool return_indices) -> Tensor"
 )
 ROPE_SCHEMA = "rope(Tensor x, Tensor cos, Tensor sin) -> Tensor"  # CPU only (csrc/rope_cpu.cpp)
+# The fused decode step of attention_with_scores (a few queries per row; CPU only,
+# csrc/attention_cpu.cpp); the CPU path of attention_with_scores calls it (see _torch_path.py).
+ATTENTION_DECODE_SCHEMA = (
+    "attention_decode(Tensor q, Tensor k, Tensor v, Tensor length, Tensor(a!)? scores, float scale, "
+    "int window, float bias, Tensor? cos, Tensor? sin, str bias_mode, float decay) -> Tensor"
+)
+CPU_ISA_SCHEMA = "cpu_isa() -> str"  # the instruction set attention_decode runs with (base, avx2, avx512)
 _LIB = torch.library.Library("inf_mllm", "FRAGMENT")
 _LIB.define(COMPACT_SCHEMA)
 _LIB.define(ROPE_SCHEMA)
+_LIB.define(ATTENTION_DECODE_SCHEMA)
+_LIB.define(CPU_ISA_SCHEMA)
 
 
 def _load_native() -> bool:
@@ -98,6 +107,11 @@ def _compact_fake(k, v, scores, length, extras, budget, n_sink, n_recent, reset_
 @torch.library.register_fake("inf_mllm::rope")
 def _rope_fake(x, cos, sin):
     return x.new_empty(x.shape, dtype=cos.dtype)
+
+
+@torch.library.register_fake("inf_mllm::attention_decode")
+def _attention_decode_fake(q, k, v, length, scores, scale, window, bias, cos, sin, bias_mode, decay):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
 # --------------------------------------------------------------------------------------

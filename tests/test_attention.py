@@ -608,3 +608,213 @@ def test_ops_bench_refuses_bad_shapes(kw, match):
     args.update(kw)
     with pytest.raises(ValueError, match=match):
         run_ops_bench(**args)
+
+
+# --------------------------------------------------------------------------------------
+# Fused native decode kernel (csrc/attention_cpu.cpp): the CPU path of a decode step
+# --------------------------------------------------------------------------------------
+
+import inf_mllm._torch_path as tp  # noqa: E402
+
+needs_native_decode = pytest.mark.skipif(not tp.native_decode_available(),
+                                         reason="native library built without inf_mllm::attention_decode")
+
+
+def _native(q, k, v, length, scores, window, bias, cos, sin, bias_mode="absolute", decay=1.0):
+    """The raw native op (no Python checks), tables converted to float32 as the CPU path does."""
+    if cos is not None:
+        cos, sin = cos.float().contiguous(), sin.float().contiguous()
+    return torch.ops.inf_mllm.attention_decode(q.contiguous(), k, v, length, scores, q.shape[-1] ** -0.5, window,
+                                               bias, cos, sin, bias_mode, decay)
+
+
+def _native_cases():
+    """GQA 1/3/4/8 (3: a group that is not a power of two), D 64/96/128 and each dtype, every
+    combination of the other settings rotated through them so each value meets several shapes:
+    bias modes, decay, window < n / > n / 0, ragged rows (length n, mid, C), RoPE and scores on
+    and off, bf16/float64 tables."""
+    settings = [  # (n, window, bias, bias_mode, decay, rope, scores)
+        (1, 32, 1e-3, "absolute", 1.0, True, True),
+        (5, 2, 2.0, "relative", 0.5, True, True),      # window < n
+        (3, 40, 0.7, "absolute", 0.9, False, True),    # window > n
+        (8, 8, 1.5, "relative", 0.75, True, True),     # window == n, largest native n
+        (4, 0, 1e-2, "absolute", 0.5, True, True),     # window 0: no scoring, no decay
+        (2, 1, 0.0, "relative", 0.3, False, True),     # no bias
+        (6, 32, 1e-3, "absolute", 1.0, True, False),   # no scores
+        (1, 32, 3.0, "relative", 0.6, False, True),
+    ]
+    cases, c = [], 0
+    for G in (1, 3, 4, 8):
+        for D in (64, 96, 128):
+            for dt in (f32, bf16, f16):
+                n, w, bias, mode, decay, rope, sc = settings[c % len(settings)]
+                rope_dtype = (f32, bf16, torch.float64)[c % 3]
+                C = 96 + 17 * (c % 3)  # slot counts that are not multiples of the vector width
+                lens = [C, n, C // 2 + 3][: 2 + c % 2]
+                cases.append(_case(B=len(lens), Hkv=2 + c % 2, G=G, D=D, n=n, C=C, lens=lens, dtype=dt, window=w,
+                                   bias=bias, bias_mode=mode, decay=decay, rope=rope, scores=sc, rope_dtype=rope_dtype,
+                                   id=f"G{G}-D{D}-{str(dt)[6:]}-n{n}-w{w}-{mode}{bias}-decay{decay}-rope{int(rope)}"
+                                      f"-sc{int(sc)}"))
+                c += 1
+    # head dims that are not a multiple of the vector width (zero-padded copies in the kernel)
+    cases += [_case(B=3, G=3, D=D, n=n, C=77, lens=[77, n, 40], dtype=dt, window=3, bias=0.5, bias_mode="relative",
+                    decay=0.8, id=f"G3-D{D}-{str(dt)[6:]}-n{n}-oddD") for D, n, dt in ((72, 1, f32), (36, 4, bf16),
+                                                                                     (40, 2, f16), (2, 1, f32))]
+    return cases
+
+
+@needs_native_decode
+@pytest.mark.parametrize("poison", ["nan", "huge"])
+@pytest.mark.parametrize("case", _native_cases())
+def test_native_decode_matches_reference(case, poison):
+    _compare(_native, case, poison=poison)
+
+
+@needs_native_decode
+@pytest.mark.parametrize("case", [c for c in OP_CASES if c.values[0]["n"] <= tp.NATIVE_DECODE_MAX_N])
+def test_op_cpu_decode_torch_fallback(case, monkeypatch):
+    """The PyTorch path still serves decode calls where the native kernel is missing."""
+    monkeypatch.setattr(tp, "_NATIVE_DECODE", False)
+    _compare(_op, case, poison="nan")
+
+
+@needs_native_decode
+def test_public_op_uses_native_decode(monkeypatch):
+    """Decode calls (n <= NATIVE_DECODE_MAX_N, float32/bf16/fp16) go to the native kernel; a
+    prefill chunk and float64 stay on the PyTorch path."""
+    calls = []
+    real = torch.ops.inf_mllm.attention_decode
+
+    class _Spy:
+        def __call__(self, *a):
+            calls.append(a[0].shape[2])
+            return real(*a)
+
+    monkeypatch.setattr(torch.ops.inf_mllm, "attention_decode", _Spy())
+    for n, dt in ((1, f32), (tp.NATIVE_DECODE_MAX_N, bf16), (tp.NATIVE_DECODE_MAX_N + 1, f32), (1, torch.float64)):
+        q, k, v, length, scores, cos, sin = make_inputs(1, 2, 3, 64, n, 40, [40], dt, rope=True, poison="huge")
+        ops.attention_with_scores(q, k, v, length, scores, window=4, cos=cos, sin=sin)
+    assert calls == [1, tp.NATIVE_DECODE_MAX_N]
+
+
+@needs_native_decode
+def test_native_decode_equals_torch_path():
+    """Same call, native kernel against the PyTorch path (float32): equal up to rounding."""
+    q, k, v, length, scores, cos, sin = make_inputs(3, 3, 3, 64, 3, 300, [300, 3, 123], f32, rope=True, poison="nan")
+    res = []
+    for native in (None, False):
+        tp._NATIVE_DECODE = native
+        try:
+            sc = scores.clone()
+            out = ops.attention_with_scores(q, k, v, length, sc, window=2, bias=0.5, cos=cos, sin=sin,
+                                            bias_mode="relative", decay=0.5)
+        finally:
+            tp._NATIVE_DECODE = None
+        res.append((out, sc))
+    torch.testing.assert_close(res[0][0], res[1][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(res[0][1], res[1][1], rtol=1e-5, atol=1e-5)
+
+
+@needs_native_decode
+def test_native_decode_opcheck():
+    for dt, rope, with_scores, window in ((f32, True, True, 3), (bf16, False, True, 8), (f16, True, False, 0),
+                                          (f32, False, True, 0)):
+        q, k, v, length, scores, cos, sin = make_inputs(2, 2, 3, 64, 4, 32, [32, 9], dt, rope=rope,
+                                                        with_scores=with_scores, poison="huge")
+        torch.library.opcheck(torch.ops.inf_mllm.attention_decode.default,
+                              (q, k, v, length, scores, 0.125, window, 1e-3, cos, sin, "relative", 0.5))
+
+
+@needs_native_decode
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_native_decode_torch_compile(backend):
+    """Under torch.compile(fullgraph=True): the raw op (its fake kernel and the mutation of
+    scores) and the public op on a decode step (which reaches the kernel at run time)."""
+    q, k, v, length, scores, cos, sin = make_inputs(2, 3, 3, 64, 1, 48, [48, 20], f32, rope=True, poison="huge")
+
+    def raw(q, k, v, length, scores, cos, sin):
+        return torch.ops.inf_mllm.attention_decode(q, k, v, length, scores, 0.125, 4, 1e-3, cos, sin, "absolute",
+                                                   0.5) * 2.0
+
+    def public(q, k, v, length, scores, cos, sin):
+        return ops.attention_with_scores(q, k, v, length, scores, window=4, bias=1e-3, cos=cos, sin=sin,
+                                         decay=0.5, scale=0.125) * 2.0
+
+    ref_sc = scores.double().clone()
+    ref = attention_with_scores_ref(q.double(), k.double(), v.double(), length, ref_sc, scale=0.125, window=4,
+                                    bias=1e-3, cos=cos.double(), sin=sin.double(), decay=0.5)
+    for f in (raw, public):
+        torch._dynamo.reset()
+        sc = scores.clone()
+        try:
+            out = torch.compile(f, backend=backend, fullgraph=True)(q, k, v, length, sc, cos, sin)
+        except Exception as e:  # inductor needs a working C++ toolchain
+            if backend == "inductor":
+                pytest.skip(f"inductor unavailable here: {type(e).__name__}: {str(e)[:200]}")
+            raise
+        torch.testing.assert_close(out.double(), 2 * ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(sc.double(), ref_sc, rtol=1e-5, atol=1e-5)
+
+
+@needs_native_decode
+@pytest.mark.parametrize("change, match", [
+    (dict(length=torch.tensor([33, 9], dtype=torch.int32)), "outside"),
+    (dict(length=torch.tensor([32, 2], dtype=torch.int32)), "outside"),  # length < n = 3
+    (dict(q=lambda a: a["q"].double(), k=lambda a: a["k"].double(), v=lambda a: a["v"].double()), "not supported"),
+    (dict(cos=lambda a: a["cos"].double(), sin=lambda a: a["sin"].double()), "float32"),
+    (dict(cos=lambda a: a["cos"][:8]), "float32"),
+    (dict(scores=lambda a: a["scores"][:, :1].contiguous()), "scores"),
+    (dict(k=lambda a: a["k"].transpose(2, 3).contiguous().transpose(2, 3)), "contiguous"),
+    (dict(q=lambda a: a["q"][:, :3].contiguous()), "shapes"),
+])
+def test_native_decode_refuses_bad_arguments(change, match):
+    a = _good()
+    for key, val in change.items():
+        a[key] = val(a) if callable(val) else val
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.inf_mllm.attention_decode(a["q"], a["k"], a["v"], a["length"], a["scores"], 0.125, 2, 0.0, a["cos"],
+                                            a["sin"], "absolute", 1.0)
+    with pytest.raises(RuntimeError, match="bias_mode"):
+        b = _good()
+        torch.ops.inf_mllm.attention_decode(b["q"], b["k"], b["v"], b["length"], b["scores"], 0.125, 2, 0.0, None,
+                                            None, "slot", 1.0)
+
+
+@needs_native_decode
+@pytest.mark.parametrize("isa", ["base", "avx2", "avx512"])
+def test_native_decode_each_isa(isa):
+    """The kernel is built once per instruction set (csrc/attention_cpu_isa.cpp); the tests above
+    run the one this CPU picks. Here each other build runs a subset of them in a subprocess with
+    INF_MLLM_CPU_ISA capping the choice (skipped where the CPU or the build lacks it)."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, INF_MLLM_CPU_ISA=isa)
+    probe = subprocess.run([sys.executable, "-c", "import inf_mllm.ops, torch; print(torch.ops.inf_mllm.cpu_isa())"],
+                           env=env, capture_output=True, text=True, timeout=300)
+    assert probe.returncode == 0, probe.stderr[-2000:]
+    got = probe.stdout.strip().splitlines()[-1]
+    if got != isa:
+        pytest.skip(f"{isa} not available here (runs {got})")
+    if got == torch.ops.inf_mllm.cpu_isa():
+        pytest.skip(f"{isa} is this process's ISA: the tests above ran it")
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k",
+                          "test_native_decode_matches_reference and (nan or oddD) or test_native_decode_equals_torch_path"],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+    assert " passed" in res.stdout
+
+
+@needs_native_decode
+def test_native_decode_strided_length():
+    """A strided ``length`` view (the kernel reads a contiguous copy of it) gives the same result."""
+    q, k, v, length, scores, cos, sin = make_inputs(2, 2, 3, 64, 2, 48, [48, 17], f32, rope=True, poison="nan")
+    strided = torch.stack([length, torch.zeros_like(length)], 1).reshape(-1)[::2]
+    assert not strided.is_contiguous()
+    res = []
+    for ln in (length, strided):
+        sc = scores.clone()
+        res.append((_native(q, k, v, ln, sc, 2, 0.5, cos, sin), sc))
+    torch.testing.assert_close(res[0][0], res[1][0], rtol=0, atol=0)
+    torch.testing.assert_close(res[0][1], res[1][1], rtol=0, atol=0)
