@@ -496,6 +496,10 @@ def validate(args) -> None:
 def _setup(args) -> str:
     import torch
 
+    from .results import _git_commit
+
+    _git_commit()  # the commit the run starts from (results.py reads it once)
+
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

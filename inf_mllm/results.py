@@ -13,6 +13,7 @@ Plots are written with matplotlib's Agg backend (no display needed).
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import json
 import math
 import os
@@ -82,8 +83,11 @@ def _version(mod: str) -> Optional[str]:
         return None
 
 
+@functools.lru_cache(maxsize=None)
 def _git_commit() -> Optional[str]:
-    """The commit of the inf_mllm checkout (with ``-dirty`` when it has local changes), if any."""
+    """The commit of the inf_mllm checkout (with ``-dirty`` when it has local changes), if any.
+    Read once per process: the CLI reads it when a command starts, so a result records the code
+    it ran, not a commit made while it was running."""
     import subprocess
 
     here = os.path.dirname(os.path.abspath(__file__))
