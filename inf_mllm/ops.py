@@ -191,6 +191,14 @@ def value_checks(enabled: Optional[bool] = None) -> bool:
     return _VALUE_CHECKS
 
 
+def _finite_number(x) -> bool:
+    """A finite int/float (not a bool). Not checked while torch.compile traces: a float computed
+    there (e.g. a decay from a token count) may be symbolic, and checking it would break the graph."""
+    if torch.compiler.is_compiling():
+        return True
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
 def _values_checkable(t: torch.Tensor, override: Optional[bool] = None) -> bool:
     if override is not None:
         return override and not torch.compiler.is_compiling() and not (t.is_cuda and torch.cuda.is_current_stream_capturing())
@@ -332,13 +340,12 @@ def attention_with_scores(
         _check_scores(scores, k)
     _check(isinstance(window, int) and not isinstance(window, bool) and window >= 0,
            lambda: f"window must be a non-negative int, got {window!r}")
-    _check(isinstance(bias, (int, float)) and not isinstance(bias, bool) and math.isfinite(bias),
-           lambda: f"bias must be a finite number, got {bias!r}")
+    _check(_finite_number(bias), lambda: f"bias must be a finite number, got {bias!r}")
     _check(isinstance(bias_mode, str) and bias_mode in BIAS_MODES,
            lambda: f"bias_mode must be one of {BIAS_MODES}, got {bias_mode!r}")
-    _check(isinstance(decay, (int, float)) and not isinstance(decay, bool) and math.isfinite(decay)
-           and 0.0 < decay <= 1.0, lambda: f"decay must be a finite number in (0, 1], got {decay!r}")
-    _check(scale is None or (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0),
+    _check(_finite_number(decay) and (torch.compiler.is_compiling() or 0.0 < decay <= 1.0),
+           lambda: f"decay must be a finite number in (0, 1], got {decay!r}")
+    _check(scale is None or (_finite_number(scale) and (torch.compiler.is_compiling() or scale > 0)),
            lambda: f"scale must be a positive finite number, got {scale!r}")
     if (cos is None) != (sin is None):
         raise ValueError("inf_mllm: cos and sin must be given together")

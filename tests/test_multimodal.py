@@ -202,8 +202,10 @@ def test_min_text_slots_quota_model(frames):
     m, proc = tiny_llava()
     got = {}
     for q in (0, 24):
+        # the first version's recency-leaning ranking, under which video frames push the text out
+        # unless the quota keeps it (the default ranking may keep the text on its own)
         s = inf_mllm.Session(m, None, processor=proc, policy="inf_mllm", budget=48, n_recent=8, window=8, chunk=16,
-                             min_text_slots=q)
+                             min_text_slots=q, h_life=0, bias_mode="absolute", bias=1e-3, novelty=0, pool=1)
         s.append("USER: the key is 7391, the door is red, keep it.")  # 49 text tokens
         s.append_video(frames[:40], frames_per_chunk=4)
         layer = s.cache.layers[-1]
