@@ -113,7 +113,6 @@ class KVBuffers:
         idx = range(self.batch)[g]
         length, fed = self.length[g], self.fed[g]
         m = kn.shape[2]
-        pos = (fed[:, None] + torch.arange(m, device=kn.device)).to(torch.int32)[:, None, :]  # [b, 1, m]
         # eager, the usual case (every row at the same slot): plain slices. Compiled: tensor indices
         # only, so that no slot number becomes part of the graph (it would recompile every step)
         starts = None if torch.compiler.is_compiling() or not count else {self.lengths[b] for b in idx}
@@ -122,9 +121,12 @@ class KVBuffers:
             sl = slice(L, L + m)
             self.k[g, :, sl] = kn
             self.v[g, :, sl] = vn
-            self.position[g, :, sl] = pos
+            # stream positions fed .. fed + m - 1 (a decode step: fed itself, cast on the copy)
+            self.position[g, :, sl] = fed[:, None, None] if m == 1 else (
+                fed[:, None] + torch.arange(m, device=kn.device)).to(torch.int32)[:, None, :]
             self.modality[g, :, sl] = modality
         else:  # compiled, or ragged rows (after a padded prefill)
+            pos = (fed[:, None] + torch.arange(m, device=kn.device)).to(torch.int32)[:, None, :]  # [b, 1, m]
             slots = length.long()[:, None] + torch.arange(m, device=kn.device)  # [b, m]
             bidx = torch.arange(kn.shape[0], device=kn.device)[:, None]
             self.k[g][bidx, :, slots] = kn.permute(0, 2, 1, 3)

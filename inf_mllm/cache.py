@@ -34,7 +34,7 @@ from ._compat import Cache, CacheLayerMixin, find_rotary, get_attn_implementatio
 from .buffers import KVBuffers
 from .modality import NAMES, TEXT, modality_code
 from .policies import DEFAULT_CHUNK, Policy, Scoring, make_policy
-from .rope import Rope, unrotate
+from .rope import Rope
 
 ATTN_IMPL = "inf_mllm"
 
@@ -140,21 +140,18 @@ class StreamingLayer(CacheLayerMixin):
         if self.plan is not None:
             return self._attend_planned(query, kn, vn, position_ids, scaling)
         if cache.policy.rolling:
-            cos, sin = cache.rope.at(position_ids, n, self.seen - n, query, fresh=self.layer_idx == 0)
-            query, kn = unrotate(query, cos, sin), unrotate(kn, cos, sin)
+            cache.rope.at(position_ids, n, self.seen - n, query, fresh=self.layer_idx == 0)
+            query, kn = cache.rope.undo(query), cache.rope.undo(kn)
             cos_t, sin_t = cache.rope.slot_table(query.device)
         phase = "prefill" if n > 1 else "decode"
         if real is None:
-            out = torch.empty_like(query)
-            self._feed(list(range(B)), query, kn, vn, out, scaling, cos_t, sin_t, phase)
-            return out
+            return self._feed(list(range(B)), query, kn, vn, scaling, cos_t, sin_t, phase)
         out = torch.zeros_like(query)
         for b in range(B):  # padded rows: each row alone, pads stripped
             idx = real[b].nonzero().squeeze(1)
             if idx.numel():
                 sb = slice(b, b + 1)
-                res = torch.empty_like(query[sb, :, idx])
-                self._feed([b], query[sb, :, idx], kn[sb, :, idx], vn[sb, :, idx], res, scaling, cos_t, sin_t, phase)
+                res = self._feed([b], query[sb, :, idx], kn[sb, :, idx], vn[sb, :, idx], scaling, cos_t, sin_t, phase)
                 out[b, :, idx] = res[0]
         return out
 
@@ -164,8 +161,8 @@ class StreamingLayer(CacheLayerMixin):
         cache, buf, sc = self.cache, self.buf, self.plan
         cos_t = sin_t = None
         if cache.policy.rolling:
-            cos, sin = cache.rope.at(position_ids, 1, 0, query, fresh=self.layer_idx == 0)
-            query, kn = unrotate(query, cos, sin), unrotate(kn, cos, sin)
+            cache.rope.at(position_ids, 1, 0, query, fresh=self.layer_idx == 0)
+            query, kn = cache.rope.undo(query), cache.rope.undo(kn)
             cos_t, sin_t = cache.rope.slot_table(query.device)
         buf.append(kn, vn, cache._modality, count=False)
         return ops.attention_with_scores(
@@ -173,15 +170,20 @@ class StreamingLayer(CacheLayerMixin):
             sin=sin_t, **_scoring_args(None if sc is _NO_SCORING else sc), check_values=False,
         )
 
-    def _feed(self, rows: List[int], q, kn, vn, out, scaling, cos_t, sin_t, phase) -> None:
+    def _feed(self, rows: List[int], q, kn, vn, scaling, cos_t, sin_t, phase) -> torch.Tensor:
         """Write and attend the ``n`` new tokens of ``rows`` (all rows, or one row alone) in pieces
-        that fit the buffer, with the policy's scoring and eviction around each piece. Pieces are
-        at most ``slack`` tokens, so one long forward equals the same tokens fed by ``stream``
-        with its default chunk (the policies score per call)."""
+        that fit the buffer, with the policy's scoring and eviction around each piece; returns their
+        attention output ``[b, Hq, n, D]``. Pieces are at most ``slack`` tokens, so one long forward
+        equals the same tokens fed by ``stream`` with its default chunk (the policies score per call)."""
         pol, buf = self.cache.policy, self.buf
         n = q.shape[2]
-        g = slice(None) if len(rows) == buf.batch else slice(rows[0], rows[0] + 1)
+        if len(rows) == buf.batch:
+            g, K, V, length, scores = None, buf.k, buf.v, buf.length, buf.scores
+        else:
+            g = slice(rows[0], rows[0] + 1)
+            K, V, length, scores = buf.k[g], buf.v[g], buf.length[g], buf.scores[g]
         pol.before(buf, n, phase, rows)
+        out = None
         i = 0
         while i < n:
             full = [b for b in rows if buf.lengths[b] >= buf.capacity]
@@ -191,18 +193,29 @@ class StreamingLayer(CacheLayerMixin):
             if room <= 0:
                 raise RuntimeError(f"inf_mllm: policy {pol.name!r} could not make room in the cache (C={buf.capacity})")
             m = min(n - i, room) if pol.grows else min(n - i, room, pol.slack)  # pieces as stream() cuts them
+            whole = m == n  # the usual case (a decode step, a chunk that fits): no slicing, no copy
             sl = slice(i, i + m)
             sc = pol.scoring(buf, m, phase, rows)
-            buf.append(kn[:, :, sl], vn[:, :, sl], self.cache._modality, g)
+            buf.append(kn if whole else kn[:, :, sl], vn if whole else vn[:, :, sl], self.cache._modality, g)
             if sc is not None and sc.restart:
                 buf.reset_scores(sc.restart)
-            out[:, :, sl] = ops.attention_with_scores(
-                q[:, :, sl], buf.k[g], buf.v[g], buf.length[g], None if sc is None else buf.scores[g],
+            if pol.grows:  # ``full`` may have grown the buffers
+                K, V = (buf.k, buf.v) if g is None else (buf.k[g], buf.v[g])
+                scores = buf.scores if g is None else buf.scores[g]
+            res = ops.attention_with_scores(
+                q if whole else q[:, :, sl], K, V, length, None if sc is None else scores,
                 scale=scaling, cos=cos_t, sin=sin_t, **_scoring_args(sc),
                 check_values=False,  # the host lengths guarantee n <= length <= C: no device sync per layer
             )
+            if whole:
+                out = res
+            else:
+                if out is None:
+                    out = q.new_empty(q.shape)
+                out[:, :, sl] = res
             pol.evict(buf, pol.due(buf, m, phase, rows))
             i += m
+        return out
 
 
 _NO_SCORING = object()  # the plan of a step that does not score

@@ -27,14 +27,25 @@ def unrotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Ten
     return ((y * c - rotate_half(y) * s) / (c * c + s * s)).to(x.dtype)
 
 
+_NATIVE_ROPE: Optional[bool] = None
+
+
+def _native_rope() -> bool:
+    global _NATIVE_ROPE
+    if _NATIVE_ROPE is None:
+        _NATIVE_ROPE = torch._C._dispatch_has_kernel_for_dispatch_key("inf_mllm::rope", "CPU")
+    return _NATIVE_ROPE
+
+
 class Rope:
     """cos/sin from a model's rotary module: per forward (computed by its first layer, shared by
-    the others) and the table by slot."""
+    the others, with the factors that undo them: :meth:`undo`) and the table by slot."""
 
     def __init__(self, rotary: torch.nn.Module, capacity: int):
         self.rotary = rotary
         self.capacity = capacity
         self._memo = None
+        self._undo = None
         self._table: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
 
     def at(self, position_ids: Optional[torch.Tensor], n: int, pos0: int, like: torch.Tensor, fresh: bool):
@@ -48,8 +59,24 @@ class Rope:
             else:
                 pid = position_ids if position_ids.dim() == 2 else position_ids[None]
                 pid = pid[..., -n:]
-            self._memo = rotary_cos_sin(self.rotary, pid, like.dtype, like.device)
+            cos, sin = rotary_cos_sin(self.rotary, pid, like.dtype, like.device)
+            c, s = cos.float()[:, None], sin.float()[:, None]  # [B|1, 1, n, D]
+            norm = c * c + s * s  # 1 unless the rotary module scales cos/sin (e.g. YaRN's mscale)
+            self._memo = (cos, sin)
+            self._undo = ((c / norm).contiguous(), (-s / norm).contiguous())
         return self._memo
+
+    def undo(self, x: torch.Tensor) -> torch.Tensor:
+        """:func:`unrotate` of ``x [B, H, n, D]`` by the cos/sin of the last :meth:`at`, with the
+        inverse factors computed once per forward (not per layer and tensor); on the CPU one
+        native pass when the library has it."""
+        cu, su = self._undo
+        if (x.device.type == "cpu" and cu.shape[0] == 1 and x.stride(-1) == 1
+                and (x.shape[-2] == 1 or x.stride(-2) == x.shape[-1]) and not torch.compiler.is_compiling()
+                and _native_rope()):
+            return torch.ops.inf_mllm.rope(x, cu[0, 0], su[0, 0]).to(x.dtype)
+        y = x.float()
+        return (y * cu + rotate_half(y) * su).to(x.dtype)
 
     def slot_table(self, device) -> Tuple[torch.Tensor, torch.Tensor]:
         """cos/sin ``[C, D]`` (float32) for slots ``0..C-1``."""
@@ -61,4 +88,4 @@ class Rope:
         return t
 
     def forget(self) -> None:
-        self._memo = None
+        self._memo = self._undo = None
