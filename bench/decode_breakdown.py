@@ -11,7 +11,7 @@ precise figure.
 
 transformers: ``DynamicLayer.update`` (the cache's ``cat``), the ``"sdpa"`` attention function.
 inf_mllm: ``StreamingLayer.update`` (holds the new k/v), the ``"inf_mllm"`` attention function,
-``StreamingLayer.attend``, ``unrotate`` (undo the model's RoPE on q and the new k),
+``StreamingLayer.attend``, ``Rope.undo`` (undo the model's RoPE on q and the new k),
 ``StreamingLayer._feed`` (writes, scoring, eviction check), ``KVBuffers.append``,
 ``ops.attention_with_scores`` (public op: checks + dispatch) and
 ``torch.ops.inf_mllm.attention_decode`` (the fused kernel).
@@ -77,7 +77,7 @@ with torch.no_grad():
     wrap(cache_mod.StreamingLayer, "update", "im: StreamingLayer.update")
     ALL_ATTENTION_FUNCTIONS[ATTN_IMPL] = timed("im: inf_mllm attention function", ALL_ATTENTION_FUNCTIONS[ATTN_IMPL])
     wrap(cache_mod.StreamingLayer, "attend", "im:   attend")
-    wrap(cache_mod, "unrotate", "im:     unrotate (q, k)")
+    wrap(cache_mod.Rope, "undo", "im:     Rope.undo (q, k)")
     wrap(cache_mod.StreamingLayer, "_feed", "im:     _feed")
     wrap(buffers.KVBuffers, "append", "im:       KVBuffers.append")
     wrap(cache_mod.ops, "attention_with_scores", "im:       ops.attention_with_scores")

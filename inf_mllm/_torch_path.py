@@ -44,6 +44,14 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
 _NATIVE_ROPE: Optional[bool] = None
 
 
+def native_rope_available() -> bool:
+    """True when the native library registers a CPU kernel for ``inf_mllm::rope``."""
+    global _NATIVE_ROPE
+    if _NATIVE_ROPE is None:
+        _NATIVE_ROPE = torch._C._dispatch_has_kernel_for_dispatch_key("inf_mllm::rope", "CPU")
+    return _NATIVE_ROPE
+
+
 def rope_rows(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """``x [..., L, D]`` rotated row ``j`` at ``cos[j], sin[j]`` (``[L, D]``, float32 or
     float64), returned contiguous in the dtype of ``cos``.
@@ -51,10 +59,7 @@ def rope_rows(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Te
     One pass in the native library (``torch.ops.inf_mllm.rope``, csrc/rope_cpu.cpp: reads x
     once, converting it on load, writes the result once) when it was built with it; else
     :func:`_rope` (three broadcasting passes)."""
-    global _NATIVE_ROPE
-    if _NATIVE_ROPE is None:
-        _NATIVE_ROPE = torch._C._dispatch_has_kernel_for_dispatch_key("inf_mllm::rope", "CPU")
-    if _NATIVE_ROPE and x.device.type == "cpu" and x.stride(-1) == 1 and x.stride(-2) == x.shape[-1]:
+    if native_rope_available() and x.device.type == "cpu" and x.stride(-1) == 1 and x.stride(-2) == x.shape[-1]:
         return torch.ops.inf_mllm.rope(x, cos.contiguous(), sin.contiguous())
     return _rope(x.to(cos.dtype), cos, sin)
 

@@ -14,6 +14,7 @@ from typing import Optional, Tuple
 import torch
 
 from ._compat import rotary_cos_sin
+from ._torch_path import native_rope_available
 from .reference import rotate_half
 
 __all__ = ["Rope", "unrotate"]
@@ -25,16 +26,6 @@ def unrotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Ten
     c = cos.float()[:, None]
     s = sin.float()[:, None]
     return ((y * c - rotate_half(y) * s) / (c * c + s * s)).to(x.dtype)
-
-
-_NATIVE_ROPE: Optional[bool] = None
-
-
-def _native_rope() -> bool:
-    global _NATIVE_ROPE
-    if _NATIVE_ROPE is None:
-        _NATIVE_ROPE = torch._C._dispatch_has_kernel_for_dispatch_key("inf_mllm::rope", "CPU")
-    return _NATIVE_ROPE
 
 
 class Rope:
@@ -73,7 +64,7 @@ class Rope:
         cu, su = self._undo
         if (x.device.type == "cpu" and cu.shape[0] == 1 and x.stride(-1) == 1
                 and (x.shape[-2] == 1 or x.stride(-2) == x.shape[-1]) and not torch.compiler.is_compiling()
-                and _native_rope()):
+                and native_rope_available()):
             return torch.ops.inf_mllm.rope(x, cu[0, 0], su[0, 0]).to(x.dtype)
         y = x.float()
         return (y * cu + rotate_half(y) * su).to(x.dtype)
