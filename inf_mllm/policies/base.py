@@ -227,9 +227,10 @@ class Policy:
         scores as they are."""
         return None
 
-    def protect(self, buf, rows: Sequence[int]) -> Optional[torch.Tensor]:
+    def protect(self, buf, rows: Sequence[int], rank: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         """Slots that must be kept, ``[B, Hkv, C]`` bool (only ``rows`` are read), or ``None``.
-        At most ``budget - n_sink - n_recent`` protected slots per head between sinks and recent."""
+        At most ``budget - n_sink - n_recent`` protected slots per head between sinks and recent.
+        ``rank``: the ranking this eviction selects by (``None``: the scores), computed once."""
         return None
 
     def evicted(self, buf, rows: Sequence[int]) -> None:
@@ -246,7 +247,7 @@ class Policy:
             return
         if rank is None:
             rank = self.rank(buf, rows)
-        prot = self.protect(buf, rows)
+        prot = self.protect(buf, rows, rank)
         if prot is not None:
             rank = (buf.scores if rank is None else rank).masked_fill(prot, math.inf)
         if merge is not None:

@@ -110,12 +110,11 @@ class InfMLLMPolicy(Policy):
                     r[b, :, :T] = _standardise(buf.scores[b, :, :T], lo, hi) + w * _standardise(nov, lo, hi)
         return max_pool_slots(r, k) if k > 1 else r
 
-    def protect(self, buf, rows):
+    def protect(self, buf, rows, rank):
         """The best-ranked text slots of the middle, so that >= min_text_slots text slots stay."""
         N = self.params["min_text_slots"]
         if not N:
             return None
-        rank = self.rank(buf, rows)
         rank = buf.scores if rank is None else rank
         prot = torch.zeros_like(buf.scores, dtype=torch.bool)
         n_mid = self.budget - self.n_sink - self.n_recent
