@@ -25,10 +25,13 @@ bfloat16/float16 inputs are converted to float32 first. The output is cast back 
 """
 from __future__ import annotations
 
+import weakref
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
+
+from .reference import rope_cos_sin
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -62,6 +65,37 @@ def rope_rows(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Te
     if native_rope_available() and x.device.type == "cpu" and x.stride(-1) == 1 and x.stride(-2) == x.shape[-1]:
         return torch.ops.inf_mllm.rope(x, cos.contiguous(), sin.contiguous())
     return _rope(x.to(cos.dtype), cos, sin)
+
+
+_FREQ_TABLES: dict = {}  # id(inv_freq) -> (weakref(inv_freq), key, cos, sin)
+
+
+def freq_table(inv_freq: torch.Tensor, scale: float, C: int, dtype: torch.dtype = torch.float32):
+    """cos/sin ``[>=C, D]`` (``dtype``: float32, or float64 for float64 inputs) for slots ``0..C-1``
+    from the frequencies (the CPU form of RoPE from ``inv_freq``: one table by slot, built from the
+    same definition and kept per frequency tensor, so a decode step builds nothing). Rebuilt when
+    ``inv_freq`` is modified in place."""
+    key = (inv_freq._version, float(scale), dtype)
+    memo = _FREQ_TABLES.get(id(inv_freq))
+    if memo is not None and memo[0]() is not inv_freq:  # a dead tensor's id, reused
+        memo = None
+    if memo is None or memo[1] != key or memo[2].shape[0] < C:
+        rows = max(C, 2 * memo[2].shape[0]) if memo is not None and memo[1] == key else C
+        pos = torch.arange(rows, device=inv_freq.device)
+        cos, sin = rope_cos_sin(pos, inv_freq, float(scale), dtype=dtype)
+        ident = id(inv_freq)
+        memo = (weakref.ref(inv_freq, lambda _r: _FREQ_TABLES.pop(ident, None)), key, cos.contiguous(), sin.contiguous())
+        _FREQ_TABLES[ident] = memo
+    return memo[2], memo[3]
+
+
+def _rotate_at_positions(q, k, L, n, inv_freq, scale, rope_pos, rope_sections, cdt):
+    """``q [R, Hkv, G, n, D]``, ``k [R, Hkv, L, D]`` rotated at their stored positions ``rope_pos
+    [S, R, Hkv, >=L]`` (multimodal rotary positions; a query at the positions of its slot)."""
+    kc, ks = rope_cos_sin(rope_pos[..., :L], inv_freq, scale, rope_sections, dtype=cdt)  # [R, Hkv, L, D]
+    kk = _rope(k.to(cdt), kc, ks)
+    qc, qs = kc[:, :, None, L - n :], ks[:, :, None, L - n :]  # [R, Hkv, 1, n, D]
+    return _rope(q.to(cdt), qc, qs), kk
 
 
 def window_bias(L: int, w: int, bias: float, bias_mode: str, dtype, device) -> torch.Tensor:
@@ -105,14 +139,16 @@ def _runs(lens):
         b0 = b1
 
 
-def _attend_run(q, k, v, L, out, scores, scale, w, we, bias, bias_mode, decay, cos, sin, cdt):
+def _attend_run(q, k, v, L, out, scores, scale, w, we, bias, bias_mode, decay, cos, sin, cdt, mrope=None):
     """One run of rows that all hold ``L`` valid slots. ``q [R, Hkv, G, n, D]``, ``k, v
     [R, Hkv, L, D]`` (the valid slots only), ``out [R, Hkv, G, n, D]`` written in place,
     ``scores [R, Hkv, C]`` or ``None``. The last ``we`` queries are computed explicitly (``we =
     w`` when scoring), the others by SDPA; only the ``w`` window queries add to ``scores``."""
     R, Hkv, G, n, D = q.shape
     vv = v if v.dtype == cdt else v.to(cdt)
-    if cos is not None:
+    if mrope is not None:
+        qq, kk = _rotate_at_positions(q, k, L, n, *mrope, cdt)
+    elif cos is not None:
         if cos.dtype != cdt:
             cos, sin = cos[:L].to(cdt), sin[:L].to(cdt)
         kk = rope_rows(k, cos[:L], sin[:L])
@@ -195,9 +231,15 @@ def attention_with_scores_torch(
     sin: Optional[torch.Tensor],
     bias_mode: str = "absolute",
     decay: float = 1.0,
+    inv_freq: Optional[torch.Tensor] = None,
+    rope_scale: float = 1.0,
+    rope_pos: Optional[torch.Tensor] = None,
+    rope_sections: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     B, Hq, n, D = q.shape
-    if _use_native_decode(q, k, v, n):
+    if inv_freq is not None and rope_pos is None:
+        cos, sin = freq_table(inv_freq, rope_scale, k.shape[2], torch.float64 if q.dtype == torch.float64 else torch.float32)
+    if rope_pos is None and _use_native_decode(q, k, v, n):
         if cos is not None and cos.dtype != torch.float32:
             cos, sin = cos.float(), sin.float()
         return torch.ops.inf_mllm.attention_decode(
@@ -214,8 +256,9 @@ def attention_with_scores_torch(
     qv = q.view(B, Hkv, G, n, D)  # the G heads of a KV head are consecutive
     out = torch.empty(B, Hkv, G, n, D, dtype=q.dtype, device=q.device)
     for b0, b1, L in _runs(lens):
+        mrope = None if rope_pos is None else (inv_freq, rope_scale, rope_pos[:, b0:b1], rope_sections)
         _attend_run(
             qv[b0:b1], k[b0:b1, :, :L], v[b0:b1, :, :L], L, out[b0:b1], None if w == 0 else scores[b0:b1],
-            scale, w, we, bias, bias_mode, decay, cos, sin, cdt,
+            scale, w, we, bias, bias_mode, decay, cos, sin, cdt, mrope,
         )
     return out.view(B, Hq, n, D)

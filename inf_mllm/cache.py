@@ -1,7 +1,7 @@
 """``StreamingCache``: a transformers ``Cache`` with fixed-size per-layer buffers (SPEC §2).
 
 The jobs are split: :mod:`inf_mllm.buffers` holds a layer's buffers (allocation, writes,
-compaction); :mod:`inf_mllm.rope` the positions (undoing the model's RoPE, the table by slot);
+compaction); :mod:`inf_mllm.rope` the positions (undoing the model's RoPE, the operator's rotary input);
 :mod:`inf_mllm.policies` decide scoring and eviction; this module is the transformers API and
 the scheduling of a forward's tokens.
 
@@ -136,22 +136,22 @@ class StreamingLayer(CacheLayerMixin):
         cache = self.cache
         B, Hq, n, D = query.shape
         real = _real_tokens(attention_mask, n, query.device)
-        cos_t = sin_t = None
+        rope = {}
         if self.plan is not None:
             return self._attend_planned(query, kn, vn, position_ids, scaling)
         if cache.policy.rolling:
             cache.rope.at(position_ids, n, self.seen - n, query, fresh=self.layer_idx == 0)
             query, kn = cache.rope.undo(query), cache.rope.undo(kn)
-            cos_t, sin_t = cache.rope.slot_table(query.device)
+            rope = cache.rope.op_kwargs(query.device)
         phase = "prefill" if n > 1 else "decode"
         if real is None:
-            return self._feed(list(range(B)), query, kn, vn, scaling, cos_t, sin_t, phase)
+            return self._feed(list(range(B)), query, kn, vn, scaling, rope, phase)
         out = torch.zeros_like(query)
         for b in range(B):  # padded rows: each row alone, pads stripped
             idx = real[b].nonzero().squeeze(1)
             if idx.numel():
                 sb = slice(b, b + 1)
-                res = self._feed([b], query[sb, :, idx], kn[sb, :, idx], vn[sb, :, idx], scaling, cos_t, sin_t, phase)
+                res = self._feed([b], query[sb, :, idx], kn[sb, :, idx], vn[sb, :, idx], scaling, rope, phase)
                 out[b, :, idx] = res[0]
         return out
 
@@ -159,18 +159,18 @@ class StreamingLayer(CacheLayerMixin):
         """A planned decode step (one token per row, room made, scoring decided beforehand): tensor
         work only, no host counter read or written, so it compiles into one replayable graph."""
         cache, buf, sc = self.cache, self.buf, self.plan
-        cos_t = sin_t = None
+        rope = {}
         if cache.policy.rolling:
             cache.rope.at(position_ids, 1, 0, query, fresh=self.layer_idx == 0)
             query, kn = cache.rope.undo(query), cache.rope.undo(kn)
-            cos_t, sin_t = cache.rope.slot_table(query.device)
+            rope = cache.rope.op_kwargs(query.device)
         buf.append(kn, vn, cache._modality, count=False)
         return ops.attention_with_scores(
-            query, buf.k, buf.v, buf.length, None if sc is _NO_SCORING else buf.scores, scale=scaling, cos=cos_t,
-            sin=sin_t, **_scoring_args(None if sc is _NO_SCORING else sc), check_values=False,
+            query, buf.k, buf.v, buf.length, None if sc is _NO_SCORING else buf.scores, scale=scaling, **rope,
+            **_scoring_args(None if sc is _NO_SCORING else sc), check_values=False,
         )
 
-    def _feed(self, rows: List[int], q, kn, vn, scaling, cos_t, sin_t, phase) -> torch.Tensor:
+    def _feed(self, rows: List[int], q, kn, vn, scaling, rope: dict, phase) -> torch.Tensor:
         """Write and attend the ``n`` new tokens of ``rows`` (all rows, or one row alone) in pieces
         that fit the buffer, with the policy's scoring and eviction around each piece; returns their
         attention output ``[b, Hq, n, D]``. Pieces are at most ``slack`` tokens, so one long forward
@@ -204,7 +204,7 @@ class StreamingLayer(CacheLayerMixin):
                 scores = buf.scores if g is None else buf.scores[g]
             res = ops.attention_with_scores(
                 q if whole else q[:, :, sl], K, V, length, None if sc is None else scores,
-                scale=scaling, cos=cos_t, sin=sin_t, **_scoring_args(sc),
+                scale=scaling, **rope, **_scoring_args(sc),
                 check_values=False,  # the host lengths guarantee n <= length <= C: no device sync per layer
             )
             if whole:
@@ -219,6 +219,11 @@ class StreamingLayer(CacheLayerMixin):
 
 
 _NO_SCORING = object()  # the plan of a step that does not score
+
+
+def _model_dtype(model) -> torch.dtype:
+    p = next(model.parameters(), None)
+    return p.dtype if p is not None else torch.float32
 
 
 def _scoring_args(sc) -> dict:
@@ -269,7 +274,7 @@ class StreamingCache(Cache):
         super().__init__(layers=layers)
         self.policy = pol
         self.config = model.config
-        self.rope = Rope(find_rotary(model), pol.capacity)
+        self.rope = Rope(find_rotary(model), pol.capacity, _model_dtype(model), mrope=False)
         self._modality = TEXT
         self._plans: dict = {}
 

@@ -133,21 +133,30 @@ def _attention_with_scores_op(
     sin: Optional[torch.Tensor],
     bias_mode: str = "absolute",
     decay: float = 1.0,
+    inv_freq: Optional[torch.Tensor] = None,
+    rope_scale: float = 1.0,
+    rope_pos: Optional[torch.Tensor] = None,
+    rope_sections: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    return _attention_with_scores_impl(q, k, v, length, scores, scale, window, bias, cos, sin, bias_mode, decay)
+    return _attention_with_scores_impl(q, k, v, length, scores, scale, window, bias, cos, sin, bias_mode, decay,
+                                       inv_freq, rope_scale, rope_pos, rope_sections)
 
 
 @_attention_with_scores_op.register_fake
-def _(q, k, v, length, scores, scale, window, bias, cos, sin, bias_mode="absolute", decay=1.0):
+def _(q, k, v, length, scores, scale, window, bias, cos, sin, bias_mode="absolute", decay=1.0, inv_freq=None,
+      rope_scale=1.0, rope_pos=None, rope_sections=None):
     return torch.empty_like(q)
 
 
-def _attention_with_scores_impl(q, k, v, length, scores, scale, window, bias, cos, sin, bias_mode, decay):
-    if q.is_cuda and q.dtype != torch.float64:
+def _attention_with_scores_impl(q, k, v, length, scores, scale, window, bias, cos, sin, bias_mode, decay,
+                                inv_freq=None, rope_scale=1.0, rope_pos=None, rope_sections=None):
+    rope = dict(inv_freq=inv_freq, rope_scale=rope_scale, rope_pos=rope_pos, rope_sections=rope_sections)
+    if q.is_cuda and q.dtype != torch.float64 and rope_pos is None:
         from .kernels.attention import attention_with_scores_triton
 
-        return attention_with_scores_triton(q, k, v, length, scores, scale, window, bias, cos, sin, bias_mode, decay)
-    return attention_with_scores_torch(q, k, v, length, scores, scale, window, bias, cos, sin, bias_mode, decay)
+        return attention_with_scores_triton(q, k, v, length, scores, scale, window, bias, cos, sin, bias_mode, decay,
+                                            **rope)
+    return attention_with_scores_torch(q, k, v, length, scores, scale, window, bias, cos, sin, bias_mode, decay, **rope)
 
 
 def _plain_eager(*tensors) -> bool:
@@ -273,6 +282,41 @@ def _check_no_alias(named) -> None:
                "place, so each must be a separate tensor (pass distinct buffers, e.g. .clone() one of them)")
 
 
+def _check_rope_freq(inv_freq, rope_scale, rope_pos, rope_sections, cos, k, check_values) -> None:
+    """Checks of the frequency form of RoPE (``inv_freq``, ``rope_scale``, ``rope_pos``, ``rope_sections``)."""
+    B, Hkv, C, D = k.shape
+    _check(_finite_number(rope_scale) and (torch.compiler.is_compiling() or rope_scale > 0),
+           lambda: f"rope_scale must be a positive finite number, got {rope_scale!r}")
+    if inv_freq is None:
+        _check(rope_pos is None and rope_sections is None, "rope_pos/rope_sections need inv_freq (the rotary frequencies)")
+        return
+    _check(cos is None, "give RoPE either as cos/sin tables or as inv_freq, not both")
+    _check_tensor("inv_freq", inv_freq, 1)
+    _check(D % 2 == 0, lambda: f"RoPE needs an even head dim, got D={D}")
+    _check(inv_freq.shape[0] == D // 2, lambda: f"inv_freq must have shape [D/2]=[{D // 2}], got {list(inv_freq.shape)}")
+    _check(inv_freq.dtype == torch.float32, lambda: f"inv_freq must be float32, got {inv_freq.dtype}", TypeError)
+    _check(inv_freq.device == k.device, lambda: f"inv_freq is on {inv_freq.device} but k is on {k.device}")
+    _check(inv_freq.is_contiguous(), "inv_freq must be contiguous")
+    _check((rope_pos is None) == (rope_sections is None), "rope_pos and rope_sections must be given together")
+    if rope_pos is None:
+        return
+    _check_tensor("rope_pos", rope_pos, 4)
+    S = rope_pos.shape[0]
+    _check(tuple(rope_pos.shape[1:]) == (B, Hkv, C),
+           lambda: f"rope_pos must have shape [S, B, Hkv, C]=[S, {B}, {Hkv}, {C}], got {list(rope_pos.shape)}")
+    _check(rope_pos.dtype == torch.int32, lambda: f"rope_pos must be int32, got {rope_pos.dtype}", TypeError)
+    _check(rope_pos.device == k.device, lambda: f"rope_pos is on {rope_pos.device} but k is on {k.device}")
+    _check(rope_pos.is_contiguous(), "rope_pos must be contiguous")
+    _check_tensor("rope_sections", rope_sections, 1)
+    _check(rope_sections.shape[0] == D // 2,
+           lambda: f"rope_sections must have shape [D/2]=[{D // 2}], got {list(rope_sections.shape)}")
+    _check(rope_sections.dtype == torch.int32, lambda: f"rope_sections must be int32, got {rope_sections.dtype}", TypeError)
+    _check(rope_sections.device == k.device, lambda: f"rope_sections is on {rope_sections.device} but k is on {k.device}")
+    if _values_checkable(rope_sections, check_values):
+        lo, hi = int(rope_sections.min()), int(rope_sections.max())
+        _check(lo >= 0 and hi < S, lambda: f"rope_sections values must be in [0, S={S}), got [{lo}, {hi}]")
+
+
 # --------------------------------------------------------------------------------------
 # Public API
 # --------------------------------------------------------------------------------------
@@ -292,6 +336,10 @@ def attention_with_scores(
     sin: Optional[torch.Tensor] = None,
     bias_mode: str = "absolute",
     decay: float = 1.0,
+    inv_freq: Optional[torch.Tensor] = None,
+    rope_scale: float = 1.0,
+    rope_pos: Optional[torch.Tensor] = None,
+    rope_sections: Optional[torch.Tensor] = None,
     check_values: Optional[bool] = None,
 ) -> torch.Tensor:
     """Causal attention of ``n`` new queries over a fixed-capacity KV buffer, plus local-sum scores.
@@ -309,8 +357,17 @@ def attention_with_scores(
         scale: softmax scale, default ``D ** -0.5``.
         window: retrieval window ``w`` (number of trailing queries that score).
         bias: attention bias ``beta``.
-        cos, sin: optional ``[>=C, D]`` RoPE tables for rolling positions: ``q`` is rotated at
-            its slot and every key at its slot while loading.
+        cos, sin: optional ``[>=C, D]`` RoPE tables by slot (the fallback form of rolling
+            positions): ``q`` is rotated at its slot and every key at its slot while loading,
+            ``x * cos[t] + rotate_half(x) * sin[t]``.
+        inv_freq, rope_scale: the other form, RoPE from the model's rotary frequencies
+            (``inv_freq [D/2]`` float32, ``rope_scale`` its ``attention_scaling``): a key or query
+            at position ``p`` is rotated by ``angle_i = p * inv_freq[i]`` (cos/sin times
+            ``rope_scale``; :func:`inf_mllm.reference.rope_cos_sin`), at its slot, or at
+        rope_pos, rope_sections: (multimodal rotary positions) ``rope_pos [S, B, Hkv, C]`` int32,
+            every slot's position per rotary section, and ``rope_sections [D/2]`` int32, the section
+            of each frequency; a query uses the positions stored at its own slot (per KV head).
+            Needs ``inv_freq``.
         bias_mode: ``"absolute"`` (default): ``bias_ij = beta * j``; ``"relative"`` (SPEC §5):
             ``bias_ij = beta * (j + 1) / (t_i + 1) ** 2``, i.e. the newest visible slot gets
             ``beta`` times the query's uniform attention share ``1 / (t_i + 1)``, falling
@@ -357,6 +414,7 @@ def attention_with_scores(
             _check(t.dtype.is_floating_point, lambda: f"{name} must be floating point, got {t.dtype}", TypeError)
         _check(D % 2 == 0, lambda: f"RoPE needs an even head dim, got D={D}")
         cos, sin = cos.contiguous(), sin.contiguous()
+    _check_rope_freq(inv_freq, rope_scale, rope_pos, rope_sections, cos, k, check_values)
     if scale is None:
         scale = D ** -0.5
     if _values_checkable(length, check_values):
@@ -364,8 +422,8 @@ def attention_with_scores(
         _check(hi <= C, lambda: f"length {hi} exceeds the buffer capacity C={C}")
         _check(lo >= n, lambda: f"length {lo} is smaller than the number of new tokens n={n}")
     args = (q.contiguous(), k, v, length, scores, float(scale), int(window), float(bias), cos, sin, bias_mode,
-            float(decay))
-    if _plain_eager(q, k, v, length, scores, cos, sin):
+            float(decay), inv_freq, float(rope_scale), rope_pos, rope_sections)
+    if _plain_eager(q, k, v, length, scores, cos, sin, inv_freq, rope_pos, rope_sections):
         return _attention_with_scores_impl(*args)
     return torch.ops.inf_mllm.attention_with_scores(*args)
 

@@ -26,6 +26,63 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotate_half(x) * sin
 
 
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, scale: float = 1.0,
+                 sections: Optional[torch.Tensor] = None, dtype: torch.dtype = torch.float32):
+    """RoPE as one function of (position, frequency) (SPEC §3): ``cos, sin [..., D]`` with
+    ``angle[..., i] = position * inv_freq[i]`` computed in ``dtype`` (float32: what transformers'
+    rotary modules compute; float64: the exact rotation, for gold references), times ``scale``
+    (the rotary module's ``attention_scaling``), both halves equal (``rotate_half`` convention).
+
+    ``positions``: ``[...]`` integers (1-D RoPE), or ``[S, ...]`` with ``sections [D/2]`` giving
+    the section (0..S-1) of every frequency (multimodal rotary positions: temporal, height,
+    width): frequency ``i`` is rotated at ``positions[sections[i]]``.
+    """
+    f = inv_freq.to(dtype)
+    if sections is None:
+        ang = positions.to(dtype)[..., None] * f
+    else:
+        sec = sections.long().to(positions.device)
+        p = positions.to(dtype).movedim(0, -1)  # [..., S]
+        ang = p[..., sec] * f  # [..., D/2]: frequency i at its section's position
+    ang = torch.cat((ang, ang), dim=-1)
+    return ang.cos() * scale, ang.sin() * scale
+
+
+#: key block of the GPU kernels' angle addition that :func:`rope_cos_sin_blocked` models
+ROPE_BLOCK = 64
+
+
+def rope_cos_sin_blocked(C: int, inv_freq: torch.Tensor, scale: float = 1.0, block: int = ROPE_BLOCK):
+    """:func:`rope_cos_sin` at slots ``0..C-1`` (float32) as the GPU kernels compute it, without a
+    sine or cosine per key: slot ``j = j0 + o`` of a key block starting at ``j0`` combines the
+    block start's angle with the in-block offset's by angle addition,
+    ``cos(j0 f + o f) = cos(j0 f) cos(o f) - sin(j0 f) sin(o f)`` (and likewise the sine), each
+    factor from a float32 angle. The cache checks this form against the model's rotary module."""
+    f = inv_freq.float()
+    j = torch.arange(C)
+    j0, o = (j // block) * block, j % block
+    a0, a1 = j0.float()[:, None] * f, o.float()[:, None] * f
+    c0, s0, c1, s1 = a0.cos(), a0.sin(), a1.cos(), a1.sin()
+    cos, sin = c0 * c1 - s0 * s1, s0 * c1 + c0 * s1
+    return torch.cat((cos, cos), -1) * scale, torch.cat((sin, sin), -1) * scale
+
+
+def _rope_for_row(b: int, L: int, n: int, dtype, cos, sin, inv_freq, rope_scale, rope_pos, rope_sections, device):
+    """cos/sin of row ``b``'s keys ``[Hkv | 1, L, D]`` and queries ``[Hkv | 1, n, D]`` (queries sit at
+    the slots of the row's ``n`` last keys), or ``None`` without RoPE."""
+    if cos is not None:
+        t = torch.arange(L - n, L, device=device)
+        return cos[:L].to(dtype)[None], sin[:L].to(dtype)[None], cos[t].to(dtype)[None], sin[t].to(dtype)[None]
+    if inv_freq is None:
+        return None
+    if rope_pos is None:
+        pos = torch.arange(L, device=device)[None]  # position = slot
+        kc, ks = rope_cos_sin(pos, inv_freq, rope_scale, dtype=dtype)
+    else:
+        kc, ks = rope_cos_sin(rope_pos[:, b, :, :L], inv_freq, rope_scale, rope_sections, dtype=dtype)  # [Hkv, L, D]
+    return kc, ks, kc[:, L - n :], ks[:, L - n :]
+
+
 def attention_with_scores_ref(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -40,8 +97,17 @@ def attention_with_scores_ref(
     sin: Optional[torch.Tensor] = None,
     bias_mode: str = "absolute",
     decay: float = 1.0,
+    inv_freq: Optional[torch.Tensor] = None,
+    rope_scale: float = 1.0,
+    rope_pos: Optional[torch.Tensor] = None,
+    rope_sections: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """SPEC §4.1 computed the obvious way. Updates ``scores`` in place; returns ``out``.
+
+    RoPE (rolling positions), either the ``cos, sin [>=C, D]`` tables by slot, or the frequencies
+    ``inv_freq [D/2]`` with ``rope_scale`` (:func:`rope_cos_sin`, angles in the dtype of ``q``): at
+    the slot of each key and query, or with ``rope_pos [S, B, Hkv, C]`` and ``rope_sections [D/2]``
+    at each slot's stored positions (a query at the positions of its own slot, per KV head).
 
     When the call scores (``scores`` given and ``window > 0``), the valid slots ``j < length[b]``
     of ``scores`` are first multiplied by ``decay``; then each of the last ``min(window, n)``
@@ -62,9 +128,12 @@ def attention_with_scores_ref(
         qb = q[b]  # [Hq, n, D]
         kb = k[b, :, :L]  # [Hkv, L, D]
         vb = v[b, :, :L]
-        if cos is not None:
-            qb = apply_rope(qb, cos[t].to(qb.dtype), sin[t].to(qb.dtype))
-            kb = apply_rope(kb, cos[:L].to(kb.dtype), sin[:L].to(kb.dtype))
+        rot = _rope_for_row(b, L, n, qb.dtype, cos, sin, inv_freq, rope_scale, rope_pos, rope_sections, q.device)
+        if rot is not None:
+            kc, ks, qc, qs = rot
+            kb = apply_rope(kb, kc, ks)
+            qb = apply_rope(qb, qc.repeat_interleave(G, dim=0) if qc.shape[0] > 1 else qc,
+                            qs.repeat_interleave(G, dim=0) if qs.shape[0] > 1 else qs)
         kb = kb.repeat_interleave(G, dim=0)  # [Hq, L, D]
         vb = vb.repeat_interleave(G, dim=0)
         logits = (qb @ kb.transpose(-1, -2)) * scale  # [Hq, n, L]

@@ -417,6 +417,10 @@ def attention_with_scores_triton(
     bias_mode: str = "absolute",
     decay: float = 1.0,
     *,
+    inv_freq: Optional[torch.Tensor] = None,
+    rope_scale: float = 1.0,
+    rope_pos: Optional[torch.Tensor] = None,
+    rope_sections: Optional[torch.Tensor] = None,
     path: Optional[str] = None,
     num_splits: Optional[int] = None,
 ) -> torch.Tensor:
@@ -425,6 +429,13 @@ def attention_with_scores_triton(
     ``path`` (``"decode"``/``"prefill"``) and ``num_splits`` override the heuristics (tests,
     benchmarks). ``length`` is never read on the host.
     """
+    if rope_pos is not None:
+        raise NotImplementedError("inf_mllm: the Triton kernels do not take per-slot rotary positions yet")
+    if inv_freq is not None:  # interim: the frequencies as a table by slot
+        pos = torch.arange(k.shape[2], device=k.device, dtype=torch.float32)
+        ang = pos[:, None] * inv_freq
+        ang = torch.cat((ang, ang), dim=-1)
+        cos, sin = (ang.cos() * rope_scale).contiguous(), (ang.sin() * rope_scale).contiguous()
     B, Hq, n, D = q.shape
     Hkv, C = k.shape[1], k.shape[2]
     G = Hq // Hkv
