@@ -156,6 +156,9 @@ class Policy:
         params.update({k: v for k, v in kwargs.items() if v is not None})
         if params.get("n_recent") is None:
             params["n_recent"] = self.default_n_recent(params)
+            b, s = params.get("budget"), params.get("n_sink")
+            if isinstance(params["n_recent"], int) and params["n_recent"] < 0 and isinstance(b, int) and isinstance(s, int):
+                raise ValueError(f"inf_mllm: n_sink={s} is larger than budget={b} (the sinks are part of the budget)")
         self.params = params
         self.budget = params["budget"]
         self.n_sink = params["n_sink"]
