@@ -55,6 +55,7 @@ __all__ = [
     "set_attn_implementation",
     "find_rotary",
     "rotary_cos_sin",
+    "rotary_params",
     "unsupported_reason",
     "text_config",
     "text_config_key",
@@ -235,6 +236,25 @@ def rotary_cos_sin(rotary: torch.nn.Module, position_ids: torch.Tensor, dtype: t
     if cos.dim() == 4:  # some multimodal rotaries return [3, B, n, D]
         raise ValueError("inf_mllm: multi-section (mrope) rotary embeddings are not supported")
     return cos, sin
+
+
+def rotary_params(rotary: torch.nn.Module) -> dict:
+    """What identifies a rotary module's positions (recorded in a saved cache's model fingerprint):
+    its type, its attention scaling, and the number and a SHA-256 of its frequencies (the initial
+    ``inv_freq``: dynamic types update the live one as the context grows)."""
+    import hashlib
+
+    inv = getattr(rotary, "original_inv_freq", None)
+    if not isinstance(inv, torch.Tensor):
+        inv = getattr(rotary, "inv_freq")
+    scaling = getattr(rotary, "attention_scaling", 1.0)
+    scaling = float(scaling.item() if isinstance(scaling, torch.Tensor) else scaling)
+    return {
+        "type": str(getattr(rotary, "rope_type", None) or "default"),
+        "attention_scaling": scaling,
+        "dim": int(inv.numel()),
+        "inv_freq_sha256": hashlib.sha256(inv.detach().to("cpu", torch.float64).contiguous().numpy().tobytes()).hexdigest(),
+    }
 
 
 def attention_modules(model):

@@ -51,6 +51,8 @@ def inf_mllm_attention(module, query, key, value, attention_mask, scaling=None, 
     if layer is None:
         out = _plain_attention(query, key, value, attention_mask, scaling)
     else:
+        if layer.layer_idx == 0 and layer.plan is None:  # once per forward (a planned step was checked eagerly)
+            layer.cache.check_model(module)
         idx = getattr(module, "layer_idx", layer.layer_idx)
         if layer.layer_idx != idx or layer.buf is None or layer.buf.k is not key:
             raise RuntimeError(

@@ -20,7 +20,7 @@ is the policy's own per-layer state (what ``Policy.new_state`` returned).
 from __future__ import annotations
 
 import copy
-from typing import Any, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
@@ -42,6 +42,15 @@ def _static(*tensors) -> None:
 
 
 class KVBuffers:
+    #: the per-slot tensors, each ``[B, Hkv, C(, D)]`` with the slot axis at dim 2, by attribute name:
+    #: the one list that clone, grow, save/load (``inf_mllm.persist``), beam reorder and batch select
+    #: go through, so a tensor added here (and allocated in ``_alloc``) is handled by all of them
+    SLOT_TENSORS = ("k", "v", "scores", "modality", "position")
+    #: the per-row device tensors ``[B]``
+    ROW_TENSORS = ("length", "fed")
+    #: slot tensors that start at zero (new tokens add to them); the others start uninitialised
+    ZEROED = ("scores",)
+
     def __init__(self, batch: int, heads: int, capacity: int, head_dim: int, dtype: torch.dtype, device,
                  state: Any = None, owner: Any = None):
         if capacity < 1:
@@ -86,7 +95,7 @@ class KVBuffers:
         return max(self.lengths) if self.lengths else 0
 
     def tensors(self):
-        return (self.k, self.v, self.scores, self.length, self.modality, self.position, self.fed)
+        return (*self.slot_tensors().values(), *self.row_tensors().values())
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors())
@@ -95,13 +104,62 @@ class KVBuffers:
         """An independent copy (tensors, counters, policy state) owned by ``owner``."""
         new = copy.copy(self)
         new.owner = owner
-        for name in ("k", "v", "scores", "modality", "position", "length", "fed"):
-            setattr(new, name, getattr(self, name).clone())
-        setattr(new.k, OWNER_ATTR, owner)
-        _static(new.k, new.v, new.scores, new.modality, new.position, new.length, new.fed)
+        for name, t in {**self.slot_tensors(), **self.row_tensors()}.items():
+            setattr(new, name, t.clone())
+        new._tag()
         new.lengths = list(self.lengths)
         new.state = copy.deepcopy(self.state)
         return new
+
+    # ---- the registry: what save/load, clone and row selection go through ----------------
+    def slot_tensors(self) -> Dict[str, torch.Tensor]:
+        """``{name: tensor}`` of the per-slot tensors (:attr:`SLOT_TENSORS`), slot axis at dim 2."""
+        return {name: getattr(self, name) for name in self.SLOT_TENSORS}
+
+    def row_tensors(self) -> Dict[str, torch.Tensor]:
+        """``{name: tensor}`` of the per-row device tensors ``[B]`` (:attr:`ROW_TENSORS`)."""
+        return {name: getattr(self, name) for name in self.ROW_TENSORS}
+
+    def _tag(self) -> None:
+        """What a fresh tensor needs (after clone, grow, a batch change or a load): the key buffer
+        names its owner (else the attention would not find the layer), addresses are static."""
+        setattr(self.k, OWNER_ATTR, self.owner)
+        _static(*self.slot_tensors().values(), *self.row_tensors().values())
+
+    def to_json(self) -> Dict[str, Any]:
+        """The host state (JSON): shape, ``lengths``, ``evictions`` and the policy's ``state``
+        (JSON-serialisable by the Policy contract)."""
+        return {"batch": self.batch, "heads": self.heads, "capacity": self.capacity, "head_dim": self.k.shape[-1],
+                "dtype": str(self.dtype).replace("torch.", ""), "lengths": list(self.lengths),
+                "evictions": self.evictions, "state": self.state}
+
+    def from_json(self, d: Dict[str, Any]) -> None:
+        """Restore the host state written by :meth:`to_json` (the tensors are copied separately)."""
+        self.lengths = [int(x) for x in d["lengths"]]
+        self.evictions = int(d["evictions"])
+        self.state = d["state"]
+
+    def select_rows(self, rows: Sequence[int], state: Any) -> None:
+        """Keep batch rows ``rows``, in that order; a row may repeat (beam search reorders, repeats
+        and drops rows). Every registered tensor moves along, and ``lengths``; ``state`` is the
+        policy's state for the new rows. The same batch size: in place (the buffers keep their
+        addresses, as a compiled step needs); another: new buffers."""
+        rows = [int(b) for b in rows]
+        if any(not 0 <= b < self.batch for b in rows) or not rows:
+            raise ValueError(f"inf_mllm: row indices {rows} out of range for a batch of {self.batch}")
+        idx = torch.tensor(rows, dtype=torch.long, device=self.device)
+        if len(rows) == self.batch:
+            L = self.max_length()  # slots past every row's length are never read: not moved
+            for t in self.slot_tensors().values():
+                t[:, :, :L] = t[:, :, :L].index_select(0, idx)
+            for t in self.row_tensors().values():
+                t.copy_(t.index_select(0, idx))
+        else:
+            for name, t in {**self.slot_tensors(), **self.row_tensors()}.items():
+                setattr(self, name, t.index_select(0, idx))
+            self._tag()
+        self.lengths = [self.lengths[b] for b in rows]
+        self.state = state
 
     # ---- writes ------------------------------------------------------------------------
     def append(self, kn: torch.Tensor, vn: torch.Tensor, modality: int, rows: Optional[slice] = None,
@@ -141,11 +199,14 @@ class KVBuffers:
 
     def grow(self, needed: int) -> None:
         """Enlarge the buffers to at least ``needed`` slots (policy ``full`` only)."""
-        B, H, C, D = self.k.shape
-        old = (self.k, self.v, self.scores, self.modality, self.position)
-        self._alloc(B, H, max(needed, 2 * C), D)
-        for dst, src in zip((self.k, self.v, self.scores, self.modality, self.position), old):
+        C = self.capacity
+        new_c = max(needed, 2 * C)
+        for name, src in self.slot_tensors().items():
+            make = torch.zeros if name in self.ZEROED else torch.empty
+            dst = make((*src.shape[:2], new_c, *src.shape[3:]), dtype=src.dtype, device=src.device)
             dst[:, :, :C] = src
+            setattr(self, name, dst)
+        self._tag()
 
     def reset_scores(self, rows: Sequence[int]) -> None:
         for b in rows:

@@ -30,7 +30,8 @@ from typing import List, Optional, Union
 import torch
 
 from . import ops
-from ._compat import Cache, CacheLayerMixin, find_rotary, get_attn_implementation, text_config, unsupported_reason
+from ._compat import (Cache, CacheLayerMixin, attention_modules, find_rotary, get_attn_implementation, text_config,
+                      unsupported_reason)
 from .buffers import KVBuffers
 from .modality import NAMES, TEXT, modality_code
 from .policies import DEFAULT_CHUNK, Policy, Scoring, make_policy
@@ -96,6 +97,12 @@ class StreamingLayer(CacheLayerMixin):
     def get_mask_sizes(self, query_length):
         # transformers < 5.13 passes the cache_position tensor instead of the query length
         n = query_length.shape[0] if isinstance(query_length, torch.Tensor) else query_length
+        if n == 0:
+            raise ValueError(
+                f"inf_mllm: a forward with no new token (the cache already holds {self.seen} tokens). After a stream, "
+                "model.generate needs the ids of the whole history; inf_mllm.generate(model, new_ids, cache=cache) "
+                "takes only the new ones"
+            )
         if self.plan is not None:  # a planned step: a size that does not change from step to step
             return self.buf.capacity + n, 0  # (the "inf_mllm" mask function does not use it)
         return self.seen + n, 0
@@ -114,17 +121,36 @@ class StreamingLayer(CacheLayerMixin):
         self.seen = 0
         self.pending = None
 
-    def reorder_cache(self, beam_idx):
-        raise NotImplementedError("inf_mllm: beam search is not supported by StreamingCache")
-
     def crop(self, tokens_to_remove: int):
         raise NotImplementedError("inf_mllm: StreamingCache cannot be cropped (evicted tokens are gone)")
 
+    # ---- batch rows (beam search) and host state (inf_mllm.persist) ----------------------
+    def reorder_cache(self, beam_idx):
+        self.select_rows(_host_rows(beam_idx))
+
     def batch_repeat_interleave(self, repeats: int):
-        raise NotImplementedError("inf_mllm: StreamingCache does not support batch_repeat_interleave")
+        if self.buf is not None:
+            self.select_rows([b for b in range(self.buf.batch) for _ in range(int(repeats))])
 
     def batch_select_indices(self, indices):
-        raise NotImplementedError("inf_mllm: StreamingCache does not support batch_select_indices")
+        self.select_rows(_host_rows(indices))
+
+    def select_rows(self, rows: List[int]) -> None:
+        """Keep batch rows ``rows`` in that order (repeats allowed): every registered buffer, the
+        host counters and the policy's per-row state move with their row."""
+        if self.buf is None:
+            return
+        if rows == list(range(self.buf.batch)):
+            return
+        self.buf.select_rows(rows, self.cache.policy.select_state(self.buf.state, rows))
+        self.keys, self.values = self.buf.k, self.buf.v
+
+    def to_json(self) -> dict:
+        """This layer's host state (JSON); its buffers' host state is ``buf.to_json()``."""
+        return {"seen": self.seen}
+
+    def from_json(self, d: dict) -> None:
+        self.seen = int(d["seen"])
 
     # ---- attention ---------------------------------------------------------------------
     def attend(self, query, attention_mask, scaling, position_ids) -> torch.Tensor:
@@ -226,6 +252,15 @@ def _model_dtype(model) -> torch.dtype:
     return p.dtype if p is not None else torch.float32
 
 
+def _host_rows(indices) -> List[int]:
+    """Row indices as a host list (one device sync), from a tensor or a sequence."""
+    if isinstance(indices, torch.Tensor):
+        if indices.dtype == torch.bool:
+            indices = indices.nonzero().flatten()
+        return [int(b) for b in indices.tolist()]
+    return [int(b) for b in indices]
+
+
 def _scoring_args(sc) -> dict:
     if sc is None:
         return dict(window=0)
@@ -277,6 +312,10 @@ class StreamingCache(Cache):
         self.rope = Rope(find_rotary(model), pol.capacity, _model_dtype(model), mrope=False)
         self._modality = TEXT
         self._plans: dict = {}
+        # the attention module of layer 0 of the model this cache was made for (check_model)
+        self._attn0 = next((m for m in attention_modules(model) if getattr(m, "layer_idx", None) == 0), None)
+        self._made_for = f"a {type(model).__name__} with {cfg.num_hidden_layers} layers"
+        self._model = weakref.ref(model)  # for save()'s model fingerprint
 
     def _attn_impl(self):
         return get_attn_implementation(self)
@@ -392,6 +431,59 @@ class StreamingCache(Cache):
         for layer in self.layers:
             layer.reset()
         self.rope.forget()
+
+    def check_model(self, module) -> None:
+        """Called by the attention of layer 0 at every forward: ``module`` must be the layer-0
+        attention of the model this cache was made for (another model's keys would not fit)."""
+        if self._attn0 is not None and module is not self._attn0:
+            raise ValueError(
+                f"inf_mllm: this StreamingCache was made for another model ({self._made_for}), not the one running this "
+                "forward: make a cache for this model with inf_mllm.enable(model)"
+            )
+
+    # ---- batch rows (beam search): the rows of every layer move together -----------------
+    def reorder_cache(self, beam_idx):
+        """Beam search (transformers' ``generate(num_beams=...)``): row ``i`` becomes row ``beam_idx[i]``."""
+        self.select_rows(_host_rows(beam_idx))
+
+    def batch_repeat_interleave(self, repeats: int):
+        """Each row repeated ``repeats`` times in place (``[a, b]`` -> ``[a, a, b, b]``)."""
+        buf = self.layers[0].buf
+        if buf is not None:
+            self.select_rows([b for b in range(buf.batch) for _ in range(int(repeats))])
+
+    def batch_select_indices(self, indices):
+        self.select_rows(_host_rows(indices))
+
+    def select_rows(self, rows: List[int]) -> None:
+        """Keep batch rows ``rows`` (host ints, in that order, repeats allowed) in every layer."""
+        for layer in self.layers:
+            layer.select_rows(list(rows))
+
+    # ---- persistence (inf_mllm.persist) ------------------------------------------------
+    def to_json(self) -> dict:
+        """The cache-level host state (JSON): the policy, its parameters and chunk, the modality
+        being fed. Layers and buffers have their own ``to_json``."""
+        pol = self.policy
+        return {"policy": pol.name, "params": dict(pol.params), "chunk": pol.chunk, "modality": self._modality}
+
+    def from_json(self, d: dict) -> None:
+        self._modality = int(d.get("modality", TEXT))
+
+    def save(self, path) -> dict:
+        """Write the cache to ``path`` (safetensors, atomically; :mod:`inf_mllm.persist`).
+        Returns what was written (bytes, seconds)."""
+        from .persist import save_cache
+
+        return save_cache(self, path)
+
+    @classmethod
+    def load(cls, path, model) -> "StreamingCache":
+        """A cache saved by :meth:`save`, for ``model`` (the one it was saved with: checked);
+        switches the model's attention as :func:`inf_mllm.enable` does."""
+        from .persist import load_cache
+
+        return load_cache(path, model)
 
     def __repr__(self):
         return f"StreamingCache(policy={self.policy!r}, layers={len(self.layers)})"

@@ -195,7 +195,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2",
-                   help="smollm2 (default; packaged GGUF), qwen2.5-coder-0.5b, qwen2.5-coder-1.5b, a .gguf file or a local checkpoint dir")
+                   help="smollm2 (default; packaged GGUF), qwen2.5-coder-0.5b, qwen2.5-coder-1.5b, tiny-random (a 2-layer random "
+                   "Llama with a byte tokenizer: smoke tests, no answers), a .gguf file or a local checkpoint dir")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="model dtype (default float32)")
 
 
@@ -252,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill-chunk", type=int_arg(1), default=256, help="tokens of the timed prefill chunk (default 256)")
     p.add_argument("--window", type=int_arg(0), default=32, help="scoring window (default 32)")
     p.add_argument("--only", choices=["attention", "compact"], default=None)
-    p.set_defaults(func=cmd_bench_ops, check=_check_bench_ops)
+    p.set_defaults(func=cmd_bench_ops, check=_check_bench_ops, needs=("matplotlib",))
 
     p = bench.add_parser("stream", help="decode latency and cache memory vs tokens streamed (the main job)")
     _add_common(p)
@@ -267,7 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-steps", type=int_arg(1), default=8,
                    help="decode steps timed at each checkpoint (best and median reported; default 8)")
     p.add_argument("--seed", type=int, default=0, help="seed of --corpus random")
-    p.set_defaults(func=cmd_bench_stream, check=_check_bench_stream, extra_policies=("transformers",))
+    p.set_defaults(func=cmd_bench_stream, check=_check_bench_stream, extra_policies=("transformers",),
+                   needs=("transformers", "matplotlib", "psutil"))
 
     p = bench.add_parser("video", help="frames/s and memory vs video frames streamed into a VLM")
     _add_common(p)
@@ -280,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--every", type=int_arg(1), default=1, help="use every n-th frame of the video")
     p.add_argument("--video", type=existing_file_arg, default=None, help="video file (default: the sample clip of Debian's opencv-doc)")
     p.add_argument("--frame-size", type=int_arg(1), default=None)
-    p.set_defaults(func=cmd_bench_video, check=_check_bench_video, model_kind="vlm")
+    p.set_defaults(func=cmd_bench_video, check=_check_bench_video, model_kind="vlm", needs=("transformers", "matplotlib", "cv2"))
 
     ev = sub.add_parser("eval", help="evaluations").add_subparsers(dest="cmd", required=True)
     p = ev.add_parser("ppl", help="streaming perplexity on long text")
@@ -293,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="token counts for the table (default 4K,16K,64K,... and the end)")
     _add_sweep(p)
     p.add_argument("--block", type=int_arg(1), default=1024, help="block size for block perplexity (default 1024)")
-    p.set_defaults(func=cmd_eval_ppl, check=_check_eval_ppl)
+    p.set_defaults(func=cmd_eval_ppl, check=_check_eval_ppl, needs=("transformers", "matplotlib"))
 
     p = ev.add_parser("retrieval", help="LongEval-style line retrieval, accuracy vs distance")
     _add_common(p)
@@ -305,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trials", type=int_arg(1), default=5, help="questions per distance (default 5)")
     p.add_argument("--seed", type=int, default=0)
     _add_sweep(p)
-    p.set_defaults(func=cmd_eval_retrieval)
+    p.set_defaults(func=cmd_eval_retrieval, needs=("transformers", "matplotlib"))
 
     p = ev.add_parser("rounds", help="multi-round streaming QA")
     _add_common(p)
@@ -317,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bucket", type=int_arg(1), default=10, help="rounds per accuracy bucket (default 10)")
     p.add_argument("--seed", type=int, default=0)
     _add_sweep(p)
-    p.set_defaults(func=cmd_eval_rounds)
+    p.set_defaults(func=cmd_eval_rounds, needs=("transformers", "matplotlib"))
 
     p = ev.add_parser("needle", help="needle in a haystack of real prose: length x depth heatmaps per policy and budget")
     _add_common(p)
@@ -342,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--estimate-only", action="store_true", help="print the plan and a time estimate (short calibration), then stop")
     p.add_argument("--preset", default=None, choices=["passkey-prose"],
                    help="passkey-prose: issue 10's pass key in ~600 tokens of prose, budgets 256,128 (given options win)")
-    p.set_defaults(func=cmd_eval_needle)
+    p.set_defaults(func=cmd_eval_needle, needs=("transformers", "matplotlib"))
 
     p = sub.add_parser("report", help="collect result JSONs into a Markdown page (docs/results_tables.md)")
     p.add_argument("--results", default=os.path.join("bench", "results"), help="results root (default bench/results)")
@@ -473,9 +475,47 @@ def _check_report(args) -> None:
     out_dir_arg(os.path.dirname(os.path.abspath(args.out)))
 
 
+#: optional dependencies: import name -> (pip package, the extra of pyproject.toml, what for)
+OPTIONAL_DEPS = {
+    "transformers": ("transformers", "hf", "the models"),
+    "gguf": ("gguf", "hf", "reading GGUF models"),
+    "matplotlib": ("matplotlib", "eval", "the plots"),
+    "psutil": ("psutil", "eval", "the process memory"),
+    "cv2": ("opencv-python-headless", "video", "reading video frames"),
+}
+
+
+def _has_module(name: str) -> bool:
+    import importlib.util
+
+    if name in sys.modules:
+        return sys.modules[name] is not None
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def check_dependencies(args) -> None:
+    """The optional packages the command needs (``needs`` of its parser, and ``gguf`` for a GGUF
+    model) are importable; else one line naming what to install. Runs before any slow work."""
+    needs = list(getattr(args, "needs", ()))
+    model = getattr(args, "model", None)
+    if model is not None and getattr(args, "model_kind", "lm") == "lm" and model != "tiny-random" and not os.path.isdir(model):
+        needs.append("gguf")
+    missing = [m for m in dict.fromkeys(needs) if not _has_module(m)]
+    if missing:
+        pkgs = " ".join(OPTIONAL_DEPS[m][0] for m in missing)
+        extras = ",".join(dict.fromkeys(OPTIONAL_DEPS[m][1] for m in missing))
+        what = ", ".join(f"{OPTIONAL_DEPS[m][0]} ({OPTIONAL_DEPS[m][2]})" for m in missing)
+        raise UsageError(f"{args.group} {args.cmd} needs {what}, not installed: pip install {pkgs}  "
+                         f"(or pip install -e '.[{extras}]')")
+
+
 def validate(args) -> None:
     """Every check of ``args`` that the command's parser could not make alone; raises
     :class:`UsageError`. Runs before any model or corpus is loaded."""
+    check_dependencies(args)
     try:
         if hasattr(args, "policies"):
             check_policies(args)
@@ -512,6 +552,10 @@ def _setup(args) -> str:
         torch.set_num_threads(threads)
     if args.no_progress:
         os.environ["TQDM_DISABLE"] = "1"
+    from .evals.common import start_partial
+
+    # each finished case is appended here as the run goes; removed once the JSON is written
+    start_partial(_out_path(args, f"{args.group}_{args.cmd}", "partial.jsonl"))
     return dev
 
 
@@ -544,13 +588,16 @@ def _load(args, device):
     return load_bundle(args.model, device=device, dtype=args.dtype)
 
 
-def _finish(args, device, kind, payload, *, model=None, policy=None, notes=(), columns=None, title=""):
+def _finish(args, device, kind, payload, *, model=None, policy=None, notes=(), columns=None, title="", plots=None):
+    """Print the table, write ``<kind>.json``, then draw the plots (``plots()`` returns their paths;
+    they are listed in the JSON, written again): the JSON is on disk before any plotting starts."""
+    from .evals.common import end_partial
     from .results import make_meta, print_table, write_json
 
     import time
 
     meta = make_meta(f"{args.group} {args.cmd}", device=device, model=model, policy=policy, argv=args._argv,
-                     args={k: v for k, v in vars(args).items() if k not in ("func", "check", "_argv", "_out", "_t0")},
+                     args={k: v for k, v in vars(args).items() if k not in ("func", "check", "needs", "_argv", "_out", "_t0")},
                      notes=list(notes) + list(payload.get("notes", [])))
     meta["seconds"] = round(time.perf_counter() - args._t0, 1) if getattr(args, "_t0", None) else None
     payload = dict(payload, kind=kind, meta=meta)
@@ -559,7 +606,14 @@ def _finish(args, device, kind, payload, *, model=None, policy=None, notes=(), c
     for n in meta["notes"]:
         print(f"note: {n}")
     path = write_json(_out_path(args, kind, "json"), payload)
+    end_partial(remove=True)  # everything is in the JSON now
     print(f"wrote {path}")
+    if plots is not None:
+        pngs = [p for p in (plots() or []) if p]
+        if pngs:
+            payload["plots"] = [os.path.basename(p) for p in pngs]
+            write_json(path, payload)
+            print(f"wrote {len(pngs)} plot(s): {', '.join(payload['plots'])}")
     if payload.get("summary"):
         print(payload["summary"])
     if meta["seconds"] is not None:
@@ -626,14 +680,17 @@ def cmd_bench_ops(args) -> int:
         xs, ys = series.setdefault(key, ([], []))
         xs.append(r["C"])
         ys.append(r["median_ms"])
-    if series:
-        plot_lines(_out_path(args, "bench_ops", "png"), series, xlabel="cache size C (slots)", ylabel="median time (ms)",
-                   title=f"operators, {res['shape']}", logx=True, logy=True)
+
+    def plots():
+        if series:
+            return [plot_lines(_out_path(args, "bench_ops", "png"), series, xlabel="cache size C (slots)",
+                               ylabel="median time (ms)", title=f"operators, {res['shape']}", logx=True, logy=True)]
+
     cols = ["op", "mode", "C", "impl", "median_ms", "GBps"] + (["frac_copy_bw"] if cuda else [])
     if any(r.get("error") for r in res["rows"]):
         cols.append("error")
     _finish(args, dev, "bench_ops", res, notes=notes, columns=cols,
-            title=f"bench ops on {dev} ({res['shape']['dtype']})")
+            title=f"bench ops on {dev} ({res['shape']['dtype']})", plots=plots)
     return 0
 
 
@@ -682,32 +739,47 @@ def cmd_bench_stream(args) -> int:
     budget = (res["rows"][0].get("args") or {}).get("budget") if res["rows"] else None
     budget = next((r["args"].get("budget") for r in res["rows"] if r.get("args") and r["policy"] not in GROWING), budget)
     what = f"budget {budget} slots" if budget else ""
-    rel = {p: (s["tokens"], s["relative"]) for p, s in ser.items()}
-    plot_lines(_out_path(args, "bench_stream_latency", "png"), rel, xlabel="tokens in the stream",
-               ylabel="decode time per token / time of a step without context",
-               title=f"{bundle.name}: decode cost vs context ({what}, {res['source']}; 1.0 = no context)",
-               from_zero=True, xticks=checkpoints)
-    lat = {p: (s["tokens"], s["latency_min_ms"]) for p, s in ser.items()}
-    lat["reference (no context)"] = (res["reference"]["tokens"], res["reference"]["latency_min_ms"])
-    plot_lines(_out_path(args, "bench_stream_latency_ms", "png"), lat, xlabel="tokens in the stream",
-               ylabel=f"decode latency (ms/token, best of {args.decode_steps})",
-               title=f"{bundle.name}: decode latency in ms ({what}); the reference shows the machine's load",
-               from_zero=True, xticks=checkpoints)
-    memkey = "peak_MiB" if cuda else "cache_MiB"
-    mem = {p: (s["tokens"], s[memkey]) for p, s in ser.items()}
-    plot_lines(_out_path(args, "bench_stream_memory", "png"), mem, xlabel="tokens in the stream",
-               ylabel="peak CUDA memory (MiB)" if cuda else "KV cache (MiB)",
-               title=f"{bundle.name}: memory ({what})", from_zero=True, xticks=checkpoints)
-    if not cuda:
-        rss = {"process": (ser[policies[0]]["tokens"], ser[policies[0]]["rss_MiB"])} if ser.get(policies[0]) else {}
-        plot_lines(_out_path(args, "bench_stream_rss", "png"), rss, xlabel="tokens in the stream", ylabel="process RSS (MiB)",
-                   title=f"{bundle.name}: process RSS (one process, all caches alive)", from_zero=True, xticks=checkpoints)
+    mem_notes = {}
+    full_args = next((r.get("args") for r in res["rows"] if r["policy"] == "full" and r.get("args")), None)
+    if full_args and full_args.get("budget"):
+        ahead = full_args["budget"] + max(full_args.get("window") or 0, full_args.get("chunk") or DEFAULT_CHUNK, 1)
+        mem_notes["full"] = f"buffers allocated ahead: {ahead} slots, doubled when full"
+        notes.append(f"full: our cache without eviction allocates its buffers ahead ({full_args['budget']} budget + one "
+                     f"chunk = {ahead} slots at the first token) and doubles them when full, so its cache_MiB is above "
+                     "transformers' DynamicCache, which holds exactly the tokens seen")
+    first = checkpoints[0] - 0.04 * (checkpoints[-1] - checkpoints[0]) if len(checkpoints) > 1 else None
+
+    def plots():
+        out = []
+        rel = {p: (s["tokens"], s["relative"]) for p, s in ser.items()}
+        out.append(plot_lines(_out_path(args, "bench_stream_latency", "png"), rel, xlabel="tokens in the stream",
+                              ylabel="decode time per token / time of a step without context",
+                              title=f"{bundle.name}: decode cost vs context ({what}, {res['source']})",
+                              from_zero=True, xticks=checkpoints, x_from=first, hline=(1.0, "1.0 = a step without context")))
+        lat = {p: (s["tokens"], s["latency_min_ms"]) for p, s in ser.items()}
+        lat["reference (no context)"] = (res["reference"]["tokens"], res["reference"]["latency_min_ms"])
+        out.append(plot_lines(_out_path(args, "bench_stream_latency_ms", "png"), lat, xlabel="tokens in the stream",
+                              ylabel=f"decode latency (ms/token, best of {args.decode_steps})",
+                              title=f"{bundle.name}: decode latency in ms ({what}); the reference shows the machine's load",
+                              from_zero=True, xticks=checkpoints, x_from=first))
+        memkey = "peak_MiB" if cuda else "cache_MiB"
+        mem = {p: (s["tokens"], s[memkey]) for p, s in ser.items()}
+        out.append(plot_lines(_out_path(args, "bench_stream_memory", "png"), mem, xlabel="tokens in the stream",
+                              ylabel="peak CUDA memory (MiB)" if cuda else "KV cache (MiB, allocated buffers)",
+                              title=f"{bundle.name}: memory ({what})", from_zero=True, xticks=checkpoints, notes=mem_notes))
+        if not cuda:
+            rss = {"process": (ser[policies[0]]["tokens"], ser[policies[0]]["rss_MiB"])} if ser.get(policies[0]) else {}
+            out.append(plot_lines(_out_path(args, "bench_stream_rss", "png"), rss, xlabel="tokens in the stream",
+                                  ylabel="process RSS (MiB)", title=f"{bundle.name}: process RSS (one process, all caches alive)",
+                                  from_zero=True, xticks=checkpoints))
+        return out
+
     cols = ["policy", "tokens", "relative", "latency_ms", "latency_min_ms", "cache_slots", "cache_MiB"] + \
         (["peak_MiB"] if cuda else ["rss_MiB"]) + ["status"]
     summary = summary_line(ser, "relative")
     res["summary"] = summary
     _finish(args, dev, "bench_stream", res, model=bundle.info, policy=pol_args, notes=notes, columns=cols,
-            title=f"bench stream: {bundle.name} on {dev}")
+            title=f"bench stream: {bundle.name} on {dev}", plots=plots)
     return 0
 
 
@@ -740,19 +812,22 @@ def cmd_bench_video(args) -> int:
         res["series"].update(part.get("series", {}))
     res["policy_args"] = pol_args
     ser = res.get("series", {})
-    plot_lines(_out_path(args, "bench_video_fps", "png"), {p: (v["frames"], v["fps"]) for p, v in ser.items()},
-               xlabel="frames streamed", ylabel="frames/s", title=f"{args.model}: video streaming throughput", logx=True,
-               from_zero=True)
-    key = "peak_MiB" if cuda else "cache_MiB"
-    plot_lines(_out_path(args, "bench_video_memory", "png"), {p: (v["frames"], v[key]) for p, v in ser.items()},
-               xlabel="frames streamed", ylabel="peak CUDA memory (MiB)" if cuda else "KV cache (MiB)",
-               title=f"{args.model}: memory vs frames", logx=True, logy=True)
+
+    def plots():
+        key = "peak_MiB" if cuda else "cache_MiB"
+        return [plot_lines(_out_path(args, "bench_video_fps", "png"), {p: (v["frames"], v["fps"]) for p, v in ser.items()},
+                           xlabel="frames streamed", ylabel="frames/s", title=f"{args.model}: video streaming throughput",
+                           logx=True, from_zero=True),
+                plot_lines(_out_path(args, "bench_video_memory", "png"), {p: (v["frames"], v[key]) for p, v in ser.items()},
+                           xlabel="frames streamed", ylabel="peak CUDA memory (MiB)" if cuda else "KV cache (MiB)",
+                           title=f"{args.model}: memory vs frames", logx=True, logy=True)]
+
     rows = res.get("rows", [])
     cols = _cols(rows, ["policy", "frames", "fps", "cache_slots", "cache_MiB"] + (["peak_MiB"] if cuda else ["rss_MiB"]),
                  skip=("args", "slots_by_modality", "capacity", "tokens_seen", "answer"))
     res["notes"] = [n for n in res.get("notes", []) if n]
     _finish(args, dev, "bench_video", res, model={"name": args.model}, policy=pol_args, columns=cols,
-            title=f"bench video: {args.model} on {dev}")
+            title=f"bench video: {args.model} on {dev}", plots=plots)
     return 0
 
 
@@ -772,26 +847,30 @@ def cmd_eval_ppl(args) -> int:
     res = run_ppl(bundle, text, policies=_policies(args), policy_args=pol_args, max_tokens=args.max_tokens,
                   chunk=args.chunk, checkpoints=args.checkpoints, sweep=parse_sweep(args.sweep), block=args.block,
                   full_past_context=args.full_past_context)
-    # running log-perplexity from 64 tokens on (the first few tokens dominate the scale otherwise)
-    curves = {}
-    for k, v in res["curves"].items():
-        pts = [(t, y) for t, y in zip(v["tokens"], v["log_ppl"]) if t >= min(64, res["tokens"] // 4)]
-        curves[k] = ([t for t, _ in pts], [y for _, y in pts])
     src = os.path.basename(args.text) if args.text else args.corpus
-    plot_lines(_out_path(args, "eval_ppl", "png"), curves, xlabel="tokens streamed", ylabel="running log-perplexity (nat)",
-               title=f"{bundle.name} on {src}, {_budget_label(args)}", logx=True, markers=False)
-    blocks = {}
-    for k, v in res["curves"].items():
-        b = v.get("block_nll") or []
-        blocks[k] = ([(i + 1) * args.block for i in range(len(b))], b)
-    plot_lines(_out_path(args, "eval_ppl_blocks", "png"), blocks, xlabel="tokens streamed",
-               ylabel=f"log-perplexity of each {args.block}-token block (nat)",
-               title=f"{bundle.name} on {src}, {_budget_label(args)}: per-block", logx=False)
+
+    def plots():
+        # running log-perplexity from 64 tokens on (the first few tokens dominate the scale otherwise)
+        curves = {}
+        for k, v in res["curves"].items():
+            pts = [(t, y) for t, y in zip(v["tokens"], v["log_ppl"]) if t >= min(64, res["tokens"] // 4)]
+            curves[k] = ([t for t, _ in pts], [y for _, y in pts])
+        blocks = {}
+        for k, v in res["curves"].items():
+            b = v.get("block_nll") or []
+            blocks[k] = ([(i + 1) * args.block for i in range(len(b))], b)
+        return [plot_lines(_out_path(args, "eval_ppl", "png"), curves, xlabel="tokens streamed",
+                           ylabel="running log-perplexity (nat)", title=f"{bundle.name} on {src}, {_budget_label(args)}",
+                           logx=True, markers=False),
+                plot_lines(_out_path(args, "eval_ppl_blocks", "png"), blocks, xlabel="tokens streamed",
+                           ylabel=f"log-perplexity of each {args.block}-token block (nat)",
+                           title=f"{bundle.name} on {src}, {_budget_label(args)}: per-block", logx=False)]
+
     cols = ["policy", "tokens"] + [f"ppl@{fmt_tokens(c)}" for c in res["checkpoints"]] + \
         [f"block_ppl@{fmt_tokens(res['checkpoints'][-1])}", "cache_slots", "cache_MiB", "tok_per_s", "status"]
     res["text"] = {"source": args.text or args.corpus, "tokens": res["tokens"]}
     _finish(args, dev, "eval_ppl", res, model=bundle.info, policy=dict(pol_args, sweep=args.sweep), columns=cols,
-            title=f"eval ppl: {bundle.name} on {src} ({res['tokens']} tokens), {_budget_label(args)}")
+            title=f"eval ppl: {bundle.name} on {src} ({res['tokens']} tokens), {_budget_label(args)}", plots=plots)
     return 0
 
 
@@ -816,11 +895,15 @@ def cmd_eval_retrieval(args) -> int:
         ys = [r.get(f"acc@{fmt_tokens(d)}") for d in distances]
         if any(y is not None for y in ys):
             series[r["policy"]] = (distances, ys)
-    plot_lines(_out_path(args, "eval_retrieval", "png"), series, xlabel="distance of the asked line (tokens)",
-               ylabel="accuracy", title=f"{bundle.name}: line retrieval, {_budget_label(args)}", logx=True)
+
+    def plots():
+        return [plot_lines(_out_path(args, "eval_retrieval", "png"), series, xlabel="distance of the asked line (tokens)",
+                           ylabel="accuracy", title=f"{bundle.name}: line retrieval, {_budget_label(args)}", logx=True)]
+
     cols = ["policy"] + [f"acc@{fmt_tokens(d)}" for d in distances] + ["acc", "n", "status"]
     _finish(args, dev, "eval_retrieval", res, model=bundle.info, policy=dict(pol_args, sweep=args.sweep), columns=cols,
-            title=f"eval retrieval: {bundle.name}, context >= {fmt_tokens(args.context)} tokens, {args.trials} per distance")
+            title=f"eval retrieval: {bundle.name}, context >= {fmt_tokens(args.context)} tokens, {args.trials} per distance",
+            plots=plots)
     return 0
 
 
@@ -848,15 +931,19 @@ def cmd_eval_rounds(args) -> int:
             ys.append(sum(r["correct"] for r in w) / len(w))
         acc[label] = (xs, ys)
         mem[label] = (xs, [r["cache_bytes"] / 2**20 for r in recs])
-    plot_lines(_out_path(args, "eval_rounds_acc", "png"), acc, xlabel="round",
-               ylabel=f"accuracy (last {args.bucket} rounds)", title=f"{bundle.name}: multi-round QA, {_budget_label(args)}")
-    plot_lines(_out_path(args, "eval_rounds_mem", "png"), mem, xlabel="round", ylabel="KV cache (MiB)",
-               title=f"{bundle.name}: cache memory per round", logy=True)
+
+    def plots():
+        return [plot_lines(_out_path(args, "eval_rounds_acc", "png"), acc, xlabel="round",
+                           ylabel=f"accuracy (last {args.bucket} rounds)",
+                           title=f"{bundle.name}: multi-round QA, {_budget_label(args)}"),
+                plot_lines(_out_path(args, "eval_rounds_mem", "png"), mem, xlabel="round", ylabel="KV cache (MiB)",
+                           title=f"{bundle.name}: cache memory per round", logy=True)]
+
     rows = res["rows"]
     cols = _cols(rows, ["policy", "rounds", "tokens"], skip=("args", "seconds"))
     cols = [c for c in cols if c != "status"] + ["status"]
     _finish(args, dev, "eval_rounds", res, model=bundle.info, policy=dict(pol_args, sweep=args.sweep), columns=cols,
-            title=f"eval rounds: {bundle.name}, {args.rounds} rounds of ~{args.passage_tokens} tokens")
+            title=f"eval rounds: {bundle.name}, {args.rounds} rounds of ~{args.passage_tokens} tokens", plots=plots)
     return 0
 
 
@@ -879,13 +966,13 @@ def cmd_eval_needle(args) -> int:
                      estimate_only=args.estimate_only)
     if args.estimate_only:
         return 0
-    res["plots"] = [os.path.basename(p) for p in plot_heatmaps(res, lambda stem: _out_path(args, dev, stem, "png"), bundle.name)]
     res["text"] = {"source": args.text or args.corpus}
     rows = res["rows"]
     cols = _cols(rows, ["policy", "budget", "acc", "vs_full"], skip=("args", "seconds", "status")) + ["seconds", "status"]
     _finish(args, dev, "eval_needle", res, model=bundle.info, policy=dict(pol_args, budgets=budgets, sweep=args.sweep),
             columns=cols, title=f"eval needle: {bundle.name}, {res['seed_set']} seeds, {len(res['seeds'])} per cell, "
-            f"kind {args.kind}, {args.needles} needle(s) per case, chunk {args.chunk}")
+            f"kind {args.kind}, {args.needles} needle(s) per case, chunk {args.chunk}",
+            plots=lambda: plot_heatmaps(res, lambda stem: _out_path(args, dev, stem, "png"), bundle.name))
     return 0
 
 
@@ -973,14 +1060,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import time
 
     args._t0 = time.perf_counter()
+    from .evals.common import end_partial
+
     try:
         validate(args)
-        return int(args.func(args) or 0)
+        rc = int(args.func(args) or 0)
+        end_partial(remove=True)  # (a command that wrote no JSON, e.g. an estimate, recorded nothing)
+        return rc
     except UsageError as e:
+        end_partial(remove=True)
         if getattr(args, "debug", False):
             raise
         print(f"inf-mllm: error: {e}", file=sys.stderr, flush=True)
         return 2
+    except BaseException as e:  # a crash or Ctrl-C mid-run: say where the finished cases are
+        path, n = end_partial(remove=False)
+        if n:
+            print(f"inf-mllm: stopped by {type(e).__name__}; the {n} cases finished before are in {path}",
+                  file=sys.stderr, flush=True)
+        raise
 
 
 if __name__ == "__main__":  # pragma: no cover

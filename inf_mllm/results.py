@@ -21,7 +21,7 @@ import platform
 import re
 import shlex
 import sys
-from typing import Any, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 __all__ = [
     "device_slug",
@@ -296,12 +296,15 @@ def plot_lines(
     notes: Optional[Dict[str, str]] = None,
     from_zero: bool = False,
     xticks: Optional[Sequence[float]] = None,
+    x_from: Optional[float] = None,
+    hline: Optional[Tuple[float, str]] = None,
 ) -> str:
     """Plot ``{label: (xs, ys)}`` as lines into a PNG at ``path`` (Agg backend).
 
     Every line has its own marker and dash pattern, and a line whose values equal an earlier
     one's is drawn thinner on top of it and labelled "(= other)", so that no legend entry is
-    invisible. ``from_zero``: linear axes that start at 0 (x and y)."""
+    invisible. ``from_zero``: linear axes that start at 0 (x and y); ``x_from``: the x axis starts
+    there instead; ``hline``: ``(y, label)`` of a dotted reference line."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -331,11 +334,16 @@ def plot_lines(
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: _tok_label(v)))
     if logy:
         ax.set_yscale("log")
+    if hline is not None:
+        ax.axhline(hline[0], color="0.35", linestyle=":", linewidth=1.2, label=hline[1], zorder=1)
     if from_zero:
         if not logx:
             ax.set_xlim(left=0)
         if not logy:
-            ax.set_ylim(bottom=0, top=max([1e-9] + [max(xy[1]) for _, xy in drawn]) * 1.08)
+            top = max([1e-9] + [max(xy[1]) for _, xy in drawn] + ([hline[0]] if hline is not None else []))
+            ax.set_ylim(bottom=0, top=top * 1.08)
+    if x_from is not None:
+        ax.set_xlim(left=x_from)
     if xticks is not None and not logx:
         from matplotlib.ticker import FuncFormatter
 
@@ -346,7 +354,7 @@ def plot_lines(
     if title:
         ax.set_title(title, fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
-    if drawn:
+    if drawn or hline is not None:
         ax.legend(fontsize=8)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -204,3 +204,30 @@ class Session:
         self.appends = self.questions = 0
         self.images = self.frames = 0
         self._last_logits = None
+
+    # ---- persistence (inf_mllm.persist) ------------------------------------------------
+    def save(self, path) -> dict:
+        """Write the session (its cache, counters and last logits) to ``path``: one safetensors
+        file, written atomically (:mod:`inf_mllm.persist`). Returns ``{path, bytes, seconds, MiB_per_s}``."""
+        from .persist import save_session
+
+        return save_session(self, path)
+
+    @classmethod
+    def load(cls, path, model, tokenizer=None, processor=None) -> "Session":
+        """The session saved at ``path``, over ``model`` (the model it was saved with: checked) and
+        ``tokenizer`` / ``processor`` (not saved). Refuses another model, a truncated or corrupted
+        file, a newer format, a path that is not a file, each with one line."""
+        from .persist import load_session
+
+        return load_session(cls, path, model, tokenizer, processor)
+
+    def to_json(self) -> dict:
+        """The session's host state (JSON): its counters and settings."""
+        return {"appends": self.appends, "questions": self.questions, "images": self.images, "frames": self.frames,
+                "progress": self.progress}
+
+    def from_json(self, d: dict) -> None:
+        self.appends, self.questions = int(d["appends"]), int(d["questions"])
+        self.images, self.frames = int(d["images"]), int(d["frames"])
+        self.progress = bool(d.get("progress", True))

@@ -2,11 +2,13 @@
 stream: feed any length, evicting after each chunk."""
 from __future__ import annotations
 
+import contextlib
+import logging
 from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from ._compat import cache_kwargs
+from ._compat import cache_kwargs, text_config
 from .cache import StreamingCache
 
 __all__ = ["stream", "greedy", "generate", "as_ids", "compile_decode"]
@@ -220,6 +222,12 @@ def generate(model, input_ids, *, cache: StreamingCache, chunk: Optional[int] = 
     elements"). This helper hands it placeholders for the history the cache already holds (with
     an all-ones attention mask; they are never embedded). Logits processors that look at earlier
     tokens (``repetition_penalty``, ``no_repeat_ngram_size``) therefore see only ``input_ids``.
+
+    Beam search (``num_beams=k``): the cache's one row is repeated into ``k`` rows first, and
+    transformers reorders them at every step; afterwards the cache holds the ``k`` running beams
+    (``cache.batch_select_indices([i])`` keeps one of them). With a rolling policy, transformers'
+    reminder that the ids exceed the model's trained context is hidden: the positions the model
+    sees stay below the cache's capacity.
     """
     if not isinstance(cache, StreamingCache):
         raise TypeError("inf_mllm: generate() needs cache=<StreamingCache> (from inf_mllm.enable)")
@@ -240,13 +248,42 @@ def generate(model, input_ids, *, cache: StreamingCache, chunk: Optional[int] = 
         pad = pad[0] if pad else None
     filler = int(pad) if pad is not None else int(ids[0, -1])
     full = torch.cat([torch.full((1, seen), filler, dtype=torch.long), ids[:, -1:].cpu()], dim=1).to(device)
-    out = model.generate(full, attention_mask=torch.ones_like(full), **cache_kwargs(cache), **generate_kwargs)
+    beams = generate_kwargs.get("num_beams") or getattr(getattr(model, "generation_config", None), "num_beams", 1) or 1
+    if beams > 1 and cache.layers[0].buf is not None and cache.layers[0].buf.batch == 1:
+        cache.batch_repeat_interleave(int(beams))  # generate expands the ids to one row per beam, not the cache
+    with _positions_below_capacity(model, cache):
+        out = model.generate(full, attention_mask=torch.ones_like(full), **cache_kwargs(cache), **generate_kwargs)
     seqs = out.sequences if hasattr(out, "sequences") else out
     new = seqs[:, seen + 1 :]
     if hasattr(out, "sequences"):
         out.sequences = new
         return out
     return new
+
+
+@contextlib.contextmanager
+def _positions_below_capacity(model, cache):
+    """transformers' ``generate`` reminds that the ids exceed the trained context
+    (``max_position_embeddings``) when the history is longer. With a rolling policy whose capacity
+    fits that context the model never sees a position past the capacity (the cache re-indexes
+    every kept token by its slot), so the reminder is not true there and is hidden; with original
+    positions it is true, and it is shown."""
+    max_pos = getattr(text_config(model), "max_position_embeddings", None)
+    if not (cache.policy.rolling and max_pos and cache.capacity <= max_pos):
+        yield
+        return
+    log = logging.getLogger("transformers.generation.stopping_criteria")
+    once = log.warning_once  # transformers' (remembers what it said: so not called at all for the reminder)
+
+    def quiet(msg, *a, **k):
+        if "predefined maximum length" not in str(msg):
+            once(msg, *a, **k)
+
+    log.warning_once = quiet  # this logger object only, for this call
+    try:
+        yield
+    finally:
+        del log.warning_once
 
 
 def compile_decode(model, cache: StreamingCache, **compile_kwargs):

@@ -319,3 +319,23 @@ def test_session_many_rounds_constant_memory():
         sizes.add(st["cache_bytes"])
         assert st["slots_used"] <= st["capacity"]
     assert len(sizes) == 1 and st["tokens_seen"] > 1500
+
+
+def test_generate_after_a_stream_names_the_helper(model):
+    cache = inf_mllm.enable(model, "streaming_llm", budget=32, chunk=8)
+    ids = torch.randint(0, 128, (1, 40))
+    inf_mllm.stream(model, ids, cache=cache)
+    with pytest.raises(ValueError) as e:
+        model.generate(ids[:, -1:], **{CACHE_KW: cache}, max_new_tokens=3, do_sample=False)
+    msg = str(e.value)
+    assert "\n" not in msg and "inf_mllm.generate" in msg and "40 tokens" in msg
+
+
+def test_cache_of_another_model_is_refused_at_the_first_forward(model):
+    cache = inf_mllm.enable(model, "inf_mllm", **policy_kwargs("inf_mllm", budget=32, chunk=8))
+    for other in (tiny_llama(n_layers=3, hidden=48), tiny_llama(n_layers=2, seed=1)):
+        inf_mllm.enable(other)
+        with pytest.raises(ValueError) as e:
+            other(torch.randint(0, 128, (1, 12)), **{CACHE_KW: cache})
+        msg = str(e.value)
+        assert "\n" not in msg and "made for another model" in msg and "inf_mllm.enable(model)" in msg

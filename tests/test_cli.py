@@ -322,6 +322,7 @@ MISTAKES = [
     (["bench", "stream", "--policies", ""], "--policies is empty"),
     (["bench", "stream", "--policies", "inf_mllm,inf_mllm"], "twice"),
     (["bench", "stream", "--budget", "64", "--n-recent", "256"], "budget=64"),
+    (["bench", "stream", "--n-sink", "600", "--budget", "512"], "n_sink=600 is larger than budget=512"),
     (["bench", "stream", "--max-tokens", "-5"], "--max-tokens"),
     (["bench", "stream", "--max-tokens", "1x"], "'1x' is not a size"),
     (["bench", "stream", "--min-tokens", "-1K"], "--min-tokens"),
@@ -432,3 +433,60 @@ def test_doubling_refuses_non_positive():
             doubling(lo, 8192)
     assert doubling(1024, 8192) == [1024, 2048, 4096, 8192]
     assert doubling(1000, 3000) == [1000, 2000, 3000]
+
+
+# ------------------------------------------------------------------------------------------
+# Long runs never lose their results (issue 21)
+# ------------------------------------------------------------------------------------------
+
+NEEDLE = ["eval", "needle", "--model", "tiny-random", "--policies", "streaming_llm", "--budgets", "96", "--n-recent", "8",
+          "--chunk", "16", "--lengths", "300", "--depths", "3", "--needles-per-cell", "1", "--kind", "passkey",
+          "--seeds", "tune", "--threads", "1", "--no-progress"]
+
+
+@pytest.mark.parametrize("cmd", [["eval", "needle"], ["bench", "stream"], ["bench", "ops"]])
+def test_missing_optional_dependency_is_one_line_before_any_work(cmd, no_model, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+    err = _error(cmd + ["--out", str(no_model / "o")], capsys)
+    assert "needs matplotlib (the plots), not installed: pip install matplotlib" in err and "[eval]" in err
+    assert not (no_model / "o").exists()
+
+
+def test_interrupted_run_keeps_the_finished_cases(tmp_path, text_file, monkeypatch, capsys):
+    from inf_mllm.evals import needle
+
+    real_ask, calls = needle._ask, []
+
+    def ask_then_crash(*a, **k):  # a deterministic failure after two answered questions
+        if len(calls) == 2:
+            raise RuntimeError("injected failure mid-run")
+        calls.append(1)
+        return real_ask(*a, **k)
+
+    monkeypatch.setattr(needle, "_ask", ask_then_crash)
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="injected"):
+        cli.main(NEEDLE + ["--text", text_file, "--out", str(out)])
+    part = out / "eval_needle.partial.jsonl"
+    lines = [json.loads(x) for x in part.read_text().splitlines()]
+    assert [x["record"] for x in lines] == ["case", "case"]
+    assert all(x["policy"] == "streaming_llm" and x["length"] == 300 for x in lines)
+    assert str(part) in capsys.readouterr().err
+    assert not (out / "eval_needle.json").exists()
+    monkeypatch.setattr(needle, "_ask", real_ask)  # a run that finishes leaves the JSON, not the partial file
+    assert cli.main(NEEDLE + ["--text", text_file, "--out", str(out)]) == 0
+    assert (out / "eval_needle.json").exists() and not part.exists()
+
+
+def test_json_is_written_before_the_plots(tmp_path, text_file, monkeypatch):
+    from inf_mllm.evals import needle
+
+    def no_plot(*a, **k):
+        raise ModuleNotFoundError("No module named 'matplotlib'")
+
+    monkeypatch.setattr(needle, "plot_heatmaps", no_plot)
+    out = tmp_path / "out"
+    with pytest.raises(ModuleNotFoundError):
+        cli.main(NEEDLE + ["--text", text_file, "--out", str(out)])
+    d = json.loads((out / "eval_needle.json").read_text())
+    assert len(d["cases"]) == 3 and d["rows"][0]["policy"] == "streaming_llm"

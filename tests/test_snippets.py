@@ -18,7 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SUBSTITUTIONS = {
     "README.md": [
-        ('load_corpus("austen")[:100_000]', 'load_corpus("austen")[:6_000]'),
+        ('load_corpus("austen")[:40_000]', 'load_corpus("austen")[:6_000]'),
         ("for i in range(300):", "for i in range(30):"),
         ("if (i + 1) % 100 == 0:", "if (i + 1) % 10 == 0:"),
     ],

@@ -1,11 +1,49 @@
 """Helpers shared by the evaluations: progress bars, checkpoints, policy grids."""
 from __future__ import annotations
 
+import json
 import math
+import os
 import sys
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-__all__ = ["progress", "doubling", "parse_int_list", "parse_sweep", "policy_grid", "SIZE_SUFFIX", "parse_size"]
+__all__ = ["progress", "doubling", "parse_int_list", "parse_sweep", "policy_grid", "SIZE_SUFFIX", "parse_size",
+           "record", "start_partial", "end_partial"]
+
+
+# ---- finished cases as they come (so that an interrupted run keeps what it measured) -------
+_PARTIAL: Dict[str, Any] = {"path": None, "n": 0}
+
+
+def start_partial(path: str) -> None:
+    """From now on, :func:`record` appends each finished case to ``path`` (JSON lines, emptied now)."""
+    with open(path, "w", encoding="utf-8"):
+        pass
+    _PARTIAL.update(path=path, n=0)
+
+
+def record(kind: str, obj: Dict[str, Any]) -> None:
+    """Append one finished case (``kind``: ``"case"``, ``"row"``; written as the line's ``"record"``
+    key) to the run's partial file, if one is open (the CLI opens it; the evaluations call this as
+    they go)."""
+    path = _PARTIAL["path"]
+    if path is None:
+        return
+    from ..results import _jsonable
+
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(_jsonable({"record": kind, **obj}), allow_nan=False) + "\n")
+        f.flush()
+    _PARTIAL["n"] += 1
+
+
+def end_partial(remove: bool) -> Tuple[Optional[str], int]:
+    """Stop recording; ``remove``: delete the file (the full JSON is written). Returns ``(path, cases)``."""
+    path, n = _PARTIAL["path"], _PARTIAL["n"]
+    _PARTIAL.update(path=None, n=0)
+    if path is not None and (remove or n == 0) and os.path.exists(path):
+        os.unlink(path)
+    return path, n
 
 SIZE_SUFFIX = {"k": 1024, "m": 1024 * 1024}
 

@@ -53,7 +53,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .common import fmt_tokens, policy_grid, progress
+from .common import fmt_tokens, policy_grid, progress, record
 from .engine import ModelBundle, PolicyRunner, free_memory, is_oom
 
 __all__ = [
@@ -653,6 +653,7 @@ def run_needle(
                              "seed": c["seed"], "kind": c["kind"], "needle": qi, "needle_depth": c["depths"][qi],
                              "position": c["positions"][qi], "tokens": len(c["ids"]) + len(c["question_ids"][qi]),
                              "answer": nd["answer"], "generated": gen, "correct": bool(ok)})
+            record("case", run_recs[-1])
             if cost is not None:
                 n = len(c["ids"])
                 est_done += cost.feed(n, len(c["question_ids"][qi]), cap) + cost.dec * (max_new_tokens - 1)
@@ -722,6 +723,7 @@ def run_needle(
         row["seconds"] = secs
         row["args"] = runner.effective_args or runner.policy_args
         rows.append(row)
+        record("row", row)
         free_memory(bundle.device)
         eta = ""
         if cost is not None and est_done > 0 and ri < len(runs) - 1:

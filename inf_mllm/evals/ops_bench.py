@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 
 from ..benchmarks.attention import time_fn
-from .common import progress
+from .common import progress, record
 
 __all__ = ["copy_bandwidth", "run_ops_bench"]
 
@@ -96,6 +96,8 @@ def run_ops_bench(
                         got = [{"impl": impl, "error": "out of memory"}]
                         _free(device)
                     rows += [dict(r, op="attention", mode=mode, C=C) for r in got]
+                    for r in rows[-len(got):]:
+                        record("row", r)
                 bar.update(1)
         bar.close()
     if "compact" in which:
@@ -111,6 +113,8 @@ def run_ops_bench(
                 got = [{"impl": "inf_mllm", "error": "out of memory"}]
                 _free(device)
             rows += [dict(r, op="compact_", mode=f"L={L}", C=C) for r in got]
+            for r in rows[-len(got):]:
+                record("row", r)
             bar.update(1)
         bar.close()
     for r in rows:

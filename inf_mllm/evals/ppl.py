@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-from .common import doubling, fmt_tokens, policy_grid, progress
+from .common import doubling, fmt_tokens, policy_grid, progress, record
 from .engine import ModelBundle, PolicyRunner, free_memory, is_oom
 
 __all__ = ["run_ppl", "tokenize_text"]
@@ -103,6 +103,7 @@ def run_ppl(
         row["cache_MiB"] = cache_bytes / 2**20
         row["args"] = runner.effective_args or runner.policy_args
         rows.append(row)
+        record("row", row)
         # running log-perplexity curve, subsampled on a log grid
         m = running.numel()
         if m:

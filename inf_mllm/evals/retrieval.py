@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Sequence
 
 import torch
 
-from .common import fmt_tokens, policy_grid, progress
+from .common import fmt_tokens, policy_grid, progress, record
 from .engine import ModelBundle, PolicyRunner, free_memory, is_oom
 
 __all__ = ["make_retrieval_case", "run_retrieval"]
@@ -131,6 +131,7 @@ def run_retrieval(
             per_d[d].append(ok)
             details.append({"policy": label, "distance_target": d, "distance": c["distance"], "line": c["line"],
                             "value": c["value"], "answer": answer, "correct": ok, "tokens": n})
+            record("case", details[-1])
         bar.close()
         row: Dict[str, Any] = {"policy": label}
         for d in distances:
@@ -143,6 +144,7 @@ def run_retrieval(
         row["seconds"] = time.perf_counter() - t0
         row["args"] = runner.effective_args or runner.policy_args
         rows.append(row)
+        record("row", row)
         free_memory(bundle.device)
     return {"rows": rows, "details": details, "distances": list(distances), "context": context,
             "trials": trials, "seed": seed, "notes": notes,

@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Sequence
 
 import torch
 
-from .common import policy_grid, progress
+from .common import policy_grid, progress, record
 from .engine import ModelBundle, PolicyRunner, free_memory, is_oom, process_rss
 
 __all__ = ["build_rounds", "run_rounds", "AGE_BUCKETS"]
@@ -125,6 +125,7 @@ def run_rounds(
                          "answer": ans, "streamed": streamed, "cache_slots": runner.cache_len(cache),
                          "cache_bytes": runner.cache_bytes(cache),
                          "peak_bytes": (torch.cuda.max_memory_allocated() if bundle.device.startswith("cuda") else process_rss())})
+            record("case", dict(recs[-1], policy=label))
             bar.update(1)
         bar.close()
         del cache
@@ -147,5 +148,6 @@ def run_rounds(
         row["seconds"] = time.perf_counter() - t0
         row["args"] = runner.effective_args or runner.policy_args
         rows.append(row)
+        record("row", row)
     return {"rows": rows, "per_round": per_round, "rounds": rounds, "passage_tokens": passage_tokens,
             "bucket": bucket, "seed": seed, "total_tokens": total_tokens, "notes": notes}

@@ -28,7 +28,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-from .common import progress
+from .common import progress, record
 from .engine import TRANSFORMERS, ModelBundle, PolicyRunner, free_memory, is_oom, process_rss, sync
 
 __all__ = ["run_stream_bench", "summary_line"]
@@ -146,6 +146,7 @@ def run_stream_bench(
                    "peak_MiB": peak / 2**20 if peak is not None else None, "rss_MiB": rss / 2**20, "status": "ok",
                    "args": r.effective_args or r.policy_args}
             rows.append(row)
+            record("row", row)
             ser = series[p]
             for key in ("tokens", "latency_ms", "latency_min_ms", "relative", "peak_MiB", "cache_MiB", "rss_MiB", "cache_slots"):
                 ser[key].append(row[key])

@@ -19,6 +19,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
+from .common import record
+
 __all__ = ["tiny_llava", "run_video_bench", "load_vlm"]
 
 
@@ -122,6 +124,7 @@ def run_video_bench(model, processor, *, policies: Sequence[str], policy_args: D
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
             rows.append(row)
+            record("row", row)
             for k in ser:
                 ser[k].append(row[k] if k != "cache_slots" else st["slots_used"])
         answer = None

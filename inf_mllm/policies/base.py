@@ -16,7 +16,11 @@ One shared step, :meth:`Policy.evict`, turns that into the compaction (``ops.com
 
 Policies see a layer's :class:`~inf_mllm.buffers.KVBuffers` (``buf``): the buffers, the host
 copy of the lengths (``buf.lengths``) and ``buf.state``, the policy's own per-layer state made
-by :meth:`Policy.new_state`. ``rows`` are the batch rows concerned; decisions are per row so
+by :meth:`Policy.new_state`. That state is **JSON-serialisable** (``None``, bools, numbers,
+strings, lists and dicts with string keys, no tuples: ``json.loads(json.dumps(state)) == state``),
+because a saved cache stores it as JSON (:mod:`inf_mllm.persist`); per-row state is a list with
+one entry per batch row, which :meth:`Policy.select_state` reorders for beam search (override
+it for any other layout). ``tests/test_persist.py`` checks both for every registered policy. ``rows`` are the batch rows concerned; decisions are per row so
 that each row of a padded batch behaves as the row alone. ``phase`` is ``"prefill"`` (a call of
 several tokens) or ``"decode"`` (one token).
 
@@ -26,6 +30,7 @@ parameters, ``defaults``) through :func:`available_policies` / :func:`get_policy
 """
 from __future__ import annotations
 
+import copy
 import math
 import pkgutil
 from dataclasses import dataclass
@@ -151,6 +156,9 @@ class Policy:
         params.update({k: v for k, v in kwargs.items() if v is not None})
         if params.get("n_recent") is None:
             params["n_recent"] = self.default_n_recent(params)
+            b, s = params.get("budget"), params.get("n_sink")
+            if isinstance(params["n_recent"], int) and params["n_recent"] < 0 and isinstance(b, int) and isinstance(s, int):
+                raise ValueError(f"inf_mllm: n_sink={s} is larger than budget={b} (the sinks are part of the budget)")
         self.params = params
         self.budget = params["budget"]
         self.n_sink = params["n_sink"]
@@ -201,8 +209,22 @@ class Policy:
         return self.positions == ROLLING
 
     def new_state(self, batch: int) -> Any:
-        """The policy's per-layer state (stored as ``buf.state``); ``None`` when it needs none."""
+        """The policy's per-layer state (stored as ``buf.state``); ``None`` when it needs none.
+        JSON-serialisable (module docstring), per-row entries in a list indexed by row."""
         return None
+
+    def select_state(self, state: Any, rows: Sequence[int]) -> Any:
+        """The state for batch rows ``rows`` (in that order, repeats allowed: beam search reorders,
+        repeats and drops rows). Default: ``None`` stays ``None``; a list with one entry per row is
+        indexed by ``rows`` (entries copied). A policy whose state is laid out otherwise overrides it."""
+        if state is None:
+            return None
+        if isinstance(state, list):
+            return [copy.deepcopy(state[b]) for b in rows]
+        raise TypeError(
+            f"inf_mllm: policy {self.name!r} keeps a per-layer state of type {type(state).__name__}; override "
+            "Policy.select_state to say how its rows are selected (beam search, batch select)"
+        )
 
     # -- how it scores ------------------------------------------------------------------
     def scoring(self, buf, n: int, phase: str, rows: Sequence[int]) -> Optional[Scoring]:
