@@ -75,7 +75,10 @@ def freq_table(inv_freq: torch.Tensor, scale: float, C: int, dtype: torch.dtype 
     from the frequencies (the CPU form of RoPE from ``inv_freq``: one table by slot, built from the
     same definition and kept per frequency tensor, so a decode step builds nothing). Rebuilt when
     ``inv_freq`` is modified in place."""
-    key = (inv_freq._version, float(scale), dtype)
+    # an inference tensor (made under torch.inference_mode) keeps no version counter: it is a
+    # snapshot no one rewrites outside that mode, so its table is keyed without one
+    version = -1 if inv_freq.is_inference() else inv_freq._version
+    key = (version, float(scale), dtype)
     memo = _FREQ_TABLES.get(id(inv_freq))
     if memo is not None and memo[0]() is not inv_freq:  # a dead tensor's id, reused
         memo = None
