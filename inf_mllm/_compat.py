@@ -331,3 +331,34 @@ def unsupported_reason(model, rolling: bool) -> Optional[str]:
         if prf not in (None, 1, 1.0):
             return f"{name} uses partial rotary embeddings (partial_rotary_factor={prf}), not supported with rolling positions"
     return None
+
+
+class _Captured(Exception):
+    pass
+
+
+@torch.no_grad()
+def language_model_inputs(model, **inputs) -> dict:
+    """What a VLM's own forward hands its language model for ``inputs`` (a processor's output):
+    ``inputs_embeds`` with the vision features merged in, and (Qwen3-VL) ``visual_pos_masks`` /
+    ``deepstack_visual_embeds``. The model's forward runs up to the language model's call, without a
+    cache, and stops there (nothing of the language model runs)."""
+    lm = language_model(model)
+    if lm is None:
+        raise ValueError(f"inf_mllm: {type(model).__name__} has no language model to feed")
+    got = {}
+
+    def grab(module, args, kwargs):
+        got.update(kwargs)
+        raise _Captured
+
+    h = lm.register_forward_pre_hook(grab, with_kwargs=True, prepend=True)
+    try:
+        model.model(**inputs, use_cache=False)
+    except _Captured:
+        pass
+    finally:
+        h.remove()
+    if "inputs_embeds" not in got:
+        raise RuntimeError(f"inf_mllm: {type(model).__name__}'s forward did not call its language model")
+    return {k: got[k] for k in ("inputs_embeds", "visual_pos_masks", "deepstack_visual_embeds") if got.get(k) is not None}
