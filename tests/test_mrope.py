@@ -318,3 +318,36 @@ def test_clear_refusals():
     with pytest.raises(ValueError, match="Qwen-VL"):
         inf_mllm.stream(llama, torch.tensor([[5, 6]]), cache=inf_mllm.enable(llama, budget=32, n_recent=8),
                         pixel_values=torch.zeros(1))
+
+
+def test_the_docs_snippet_runs(monkeypatch, capsys):
+    """docs/multimodal.md's Qwen-VL block runs as pasted, with the tiny Qwen2.5-VL for the
+    checkpoint and 8 frames for the hour (the lines replaced must each match once)."""
+    import os
+    import re
+
+    import transformers
+
+    from inf_mllm.models import tiny_qwen_vl_session_parts
+
+    pytest.importorskip("cv2")
+    from inf_mllm.video import find_sample_video
+
+    try:
+        find_sample_video("vtest.avi")
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    text = open(os.path.join(root, "docs", "multimodal.md"), encoding="utf-8").read()
+    block = [b for b in re.findall(r"^```python\n(.*?)^```", text, flags=re.S | re.M) if "Qwen2.5-VL" in b]
+    assert len(block) == 1
+    code = block[0]
+    for old, new in (("max_frames=3600", "max_frames=8"), ("budget=4096, n_recent=512, chunk=512", "budget=72, n_recent=8, chunk=8")):
+        assert code.count(old) == 1, old
+        code = code.replace(old, new)
+    model, proc = tiny_qwen_vl_session_parts("qwen2_5_vl")
+    monkeypatch.setattr(transformers.AutoModelForImageTextToText, "from_pretrained", lambda *a, **k: model)
+    monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained", lambda *a, **k: proc)
+    exec(compile(code, "docs/multimodal.md", "exec"), {})
+    out = capsys.readouterr().out
+    assert "'video':" in out
