@@ -351,3 +351,36 @@ def test_the_docs_snippet_runs(monkeypatch, capsys):
     exec(compile(code, "docs/multimodal.md", "exec"), {})
     out = capsys.readouterr().out
     assert "'video':" in out
+
+
+@pytest.mark.parametrize("kind", ["qwen2_vl", "qwen3_vl"])
+@torch.no_grad()
+def test_generate_after_a_stream_is_the_models_own_generate(kind):
+    m = tiny_qwen_vl(kind)
+    kw = layout(MIXED, kind)
+    cache = inf_mllm.enable(m, "inf_mllm", budget=256, chunk=16, n_recent=32)
+    inf_mllm.stream(m, kw["input_ids"], cache=cache, chunk=4, **_vision(kw))
+    new = inf_mllm.generate(m, torch.tensor([[7, 8]]), cache=cache, max_new_tokens=4, do_sample=False)
+    whole = _plus_token(_plus_token(kw, 7), 8)
+    ref = m.generate(**whole, max_new_tokens=4, do_sample=False)[:, whole["input_ids"].shape[1]:]
+    assert new.tolist() == ref.tolist()
+
+
+@torch.no_grad()
+def test_smolvlm_decoder_is_found():
+    """Idefics3 / SmolVLM keeps its decoder at model.model.text_model."""
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration
+
+    torch.manual_seed(0)
+    cfg = Idefics3Config(text_config=dict(vocab_size=200, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2),
+                         vision_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
+                                            image_size=64, patch_size=16), image_token_id=199)
+    sm = Idefics3ForConditionalGeneration(cfg).eval()
+    ids = torch.randint(3, 190, (1, 100), generator=torch.Generator().manual_seed(0))
+    ref = sm(input_ids=ids).logits[0, -1].float()
+    got = inf_mllm.stream(sm, ids, cache=inf_mllm.enable(sm, "full", budget=256), chunk=16)[0]
+    assert _rel(got, ref) < 1e-5
+    cache = inf_mllm.enable(sm, "inf_mllm", budget=32, n_recent=8, chunk=16)
+    inf_mllm.stream(sm, ids, cache=cache)
+    assert cache.stats()["slots_used"] == 32
