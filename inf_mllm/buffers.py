@@ -92,7 +92,8 @@ class KVBuffers:
             for name in ("unit", "ubase", "uadv"):
                 setattr(self, name, torch.empty(B, H, C, dtype=torch.int32, device=dev))
         setattr(self.k, OWNER_ATTR, self.owner)
-        _static(*self.slot_tensors().values())
+        _static(self.k, self.v, self.scores, self.modality, self.position,
+                *((self._mpos, self.unit, self.ubase, self.uadv) if self.mrope else ()))
 
     # ---- shape -------------------------------------------------------------------------
     @property
