@@ -788,7 +788,7 @@ def run_needle(
         row = _row(label, policy, budget, run_recs, lengths, kinds)
         row["status"] = "; ".join(status) or "ok"
         row["seconds"] = secs
-        row["args"] = ((runner.effective_args or runner.policy_args) if runner is not None else
+        row["args"] = ((runner.effective_args or runner.policy_args) if not isinstance(budget, str) else
                        {f"@{fmt_tokens(L)}": r.effective_args or r.policy_args for L, r in runners.items()})
         rows.append(row)
         record("row", row)
