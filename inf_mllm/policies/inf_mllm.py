@@ -41,7 +41,9 @@ class InfMLLMPolicy(Policy):
     # streaming perplexity (docs/method.md, "Defaults"); the first version is h_life=0,
     # bias_mode="absolute", bias=1e-3, novelty=0, pool=1
     defaults = dict(budget=2048, n_sink=4, n_recent=256, window=32, bias=1.0, bias_mode="relative", h_life=4096.0,
-                    novelty=2.0, pool=7, min_text_slots=0)
+                    novelty=2.0, pool=7, min_text_slots=0, accumulate="sum")
+
+    ACCUMULATE = ("sum", "peak")
 
     def validate(self):
         p = self.params
@@ -54,6 +56,11 @@ class InfMLLMPolicy(Policy):
         check_int("pool", p["pool"], 1)
         if p["pool"] % 2 == 0:
             raise ValueError(f"inf_mllm: pool must be odd, got {p['pool']}")
+        if p["accumulate"] not in self.ACCUMULATE:
+            raise ValueError(f"inf_mllm: accumulate must be one of {self.ACCUMULATE}, got {p['accumulate']!r}")
+        if p["accumulate"] == "peak" and not p["h_life"] > 0:
+            raise ValueError("inf_mllm: accumulate='peak' needs persistent scores (h_life > 0)")
+        self._prev = {}  # accumulate="peak": id(buf) -> the decayed scores before the call (scoring -> due)
         check_int("min_text_slots", p["min_text_slots"], 0)
         if p["min_text_slots"] > self.budget:
             raise ValueError(f"inf_mllm: min_text_slots={p['min_text_slots']} exceeds budget={self.budget}")
@@ -74,11 +81,33 @@ class InfMLLMPolicy(Policy):
         if phase == "prefill":
             for b in rows:
                 steps[b] = 0
+        if self.params["accumulate"] == "peak":  # the call scores from zero; due() keeps the max
+            self._prev[id(buf)] = (list(rows), buf.scores[list(rows)] * decay, min(self.window, n))
+            restart, decay = tuple(rows), 1.0
         return Scoring(window=self.window, bias=self.bias, bias_mode=self.params["bias_mode"], decay=decay,
                        restart=restart)
 
+    def _peak(self, buf) -> None:
+        """``accumulate="peak"``: each slot keeps the highest mean attention (+ bias) per scoring query
+        that any call gave it, decayed, instead of the sum over calls: a token's credit does not
+        grow with the number of calls it has lived through, so a new token competes with old ones on
+        what it received, not on its age."""
+        prev = self._prev.pop(id(buf), None)
+        if prev is None:
+            return
+        rows, old, nq = prev
+        idx = torch.tensor(rows, device=buf.scores.device) if rows != list(range(buf.batch)) else None
+        new = (buf.scores if idx is None else buf.scores[idx]) / max(nq, 1)
+        best = torch.maximum(old, new)
+        if idx is None:
+            buf.scores.copy_(best)
+        else:
+            buf.scores[idx] = best
+
     # -- when it evicts -------------------------------------------------------------------
     def due(self, buf, n, phase, rows):
+        if self._prev:
+            self._peak(buf)
         if phase == "prefill":
             return self.over_budget(buf, rows)
         steps = buf.state
