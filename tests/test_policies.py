@@ -170,6 +170,7 @@ def test_new_policy_is_one_class():
         ("inf_mllm", dict(h_life=float("nan")), ValueError, "h_life must be a finite number"),
         ("inf_mllm", dict(pool=4), ValueError, "pool must be odd"),
         ("inf_mllm", dict(accumulate="mean"), ValueError, "accumulate must be one of"),
+        ("inf_mllm", dict(key_signal="norm"), ValueError, "key_signal must be one of"),
         ("inf_mllm", dict(accumulate="peak", h_life=0), ValueError, "needs persistent scores"),
     ],
 )
@@ -306,3 +307,17 @@ def test_inf_mllm_peak_keeps_the_best_call_not_the_sum():
         torch.testing.assert_close(got, want)
     # the head where the old score was higher keeps it (decayed), the other takes the call's mean
     assert float(got[0, 3]) == pytest.approx(2.0 * d) and float(got[1, 3]) == pytest.approx(1.0)
+
+
+def test_key_leverage_is_the_hat_diagonal_and_finds_the_odd_key():
+    from inf_mllm.policies.inf_mllm import key_leverage
+
+    g = torch.Generator().manual_seed(0)
+    k = torch.randn(2, 50, 6, generator=g)
+    k[1, 17] = 8.0 * torch.randn(6, generator=g)  # one key far off the others' span
+    lev = key_leverage(k, ridge=0.0)
+    kc = (k - k.mean(1, keepdim=True)).double()
+    hat = kc @ torch.linalg.pinv(kc.transpose(1, 2) @ kc) @ kc.transpose(1, 2)
+    torch.testing.assert_close(lev.double(), hat.diagonal(dim1=1, dim2=2), rtol=1e-6, atol=1e-6)
+    assert float(lev[0].sum()) == pytest.approx(6.0, abs=1e-4)  # trace of the hat matrix = rank
+    assert int(lev[1].argmax()) == 17

@@ -41,9 +41,11 @@ class InfMLLMPolicy(Policy):
     # streaming perplexity (docs/method.md, "Defaults"); the first version is h_life=0,
     # bias_mode="absolute", bias=1e-3, novelty=0, pool=1
     defaults = dict(budget=2048, n_sink=4, n_recent=256, window=32, bias=1.0, bias_mode="relative", h_life=4096.0,
-                    novelty=2.0, pool=7, min_text_slots=0, accumulate="sum")
+                    novelty=2.0, pool=7, min_text_slots=0, accumulate="sum",
+                    key_signal="novelty")
 
     ACCUMULATE = ("sum", "peak")
+    KEY_SIGNALS = ("novelty", "leverage")
 
     def validate(self):
         p = self.params
@@ -58,6 +60,8 @@ class InfMLLMPolicy(Policy):
             raise ValueError(f"inf_mllm: pool must be odd, got {p['pool']}")
         if p["accumulate"] not in self.ACCUMULATE:
             raise ValueError(f"inf_mllm: accumulate must be one of {self.ACCUMULATE}, got {p['accumulate']!r}")
+        if p["key_signal"] not in self.KEY_SIGNALS:
+            raise ValueError(f"inf_mllm: key_signal must be one of {self.KEY_SIGNALS}, got {p['key_signal']!r}")
         if p["accumulate"] == "peak" and not p["h_life"] > 0:
             raise ValueError("inf_mllm: accumulate='peak' needs persistent scores (h_life > 0)")
         self._prev = {}  # accumulate="peak": id(buf) -> the decayed scores before the call (scoring -> due)
@@ -135,7 +139,8 @@ class InfMLLMPolicy(Policy):
                 T = buf.lengths[b]
                 lo, hi = self.n_sink, T - self.n_recent
                 if hi - lo > 1:
-                    nov = key_novelty(buf.k[b, :, :T])
+                    kb = buf.k[b, :, :T]
+                    nov = key_leverage(kb) if self.params["key_signal"] == "leverage" else key_novelty(kb)
                     r[b, :, :T] = _standardise(buf.scores[b, :, :T], lo, hi) + w * _standardise(nov, lo, hi)
         return max_pool_slots(r, k) if k > 1 else r
 
@@ -168,6 +173,19 @@ def key_novelty(k: torch.Tensor) -> torch.Tensor:
     kn = F.normalize(k.float(), dim=-1)
     anchor = F.normalize(kn.mean(1, keepdim=True), dim=-1)
     return -(kn * anchor).sum(-1)
+
+
+def key_leverage(k: torch.Tensor, ridge: float = 1e-3) -> torch.Tensor:
+    """``[H, T]``: the statistical leverage of each centred key of ``k [H, T, D]`` among the ``T``
+    keys of its head, ``kc_j^T (Kc^T Kc + ridge * tr/D * I)^-1 kc_j`` (the leverage-score idea of
+    Compactor, Chari et al. 2025: keys that span directions few others span). ``O(T D^2 + D^3)``."""
+    kc = k.double() - k.double().mean(1, keepdim=True)
+    g = kc.transpose(1, 2) @ kc  # [H, D, D]
+    D = g.shape[-1]
+    lam = ridge * g.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(1e-12)  # [H]
+    g = g + lam[:, None, None] * torch.eye(D, dtype=g.dtype, device=g.device)
+    sol = torch.linalg.solve(g, kc.transpose(1, 2))  # [H, D, T]
+    return (kc * sol.transpose(1, 2)).sum(-1).float()
 
 
 def _standardise(x: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
