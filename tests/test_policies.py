@@ -321,3 +321,21 @@ def test_key_leverage_is_the_hat_diagonal_and_finds_the_odd_key():
     torch.testing.assert_close(lev.double(), hat.diagonal(dim1=1, dim2=2), rtol=1e-6, atol=1e-6)
     assert float(lev[0].sum()) == pytest.approx(6.0, abs=1e-4)  # trace of the hat matrix = rank
     assert int(lev[1].argmax()) == 17
+
+
+def test_inf_mllm_layer_slope_moves_slots_between_layers_with_the_total_fixed():
+    pytest.importorskip("transformers")
+    from inf_mllm.evals.engine import PolicyRunner, load_bundle
+
+    bundle = load_bundle("tiny-random", device="cpu")
+    ids = torch.randint(0, 200, (1, 300), generator=torch.Generator().manual_seed(0))
+    got = {}
+    for s in (0.0, 0.5, -0.5):
+        r = PolicyRunner(bundle, "inf_mllm", dict(budget=64, n_recent=8, layer_slope=s), chunk=16)
+        c = r.new_cache()
+        r.feed(c, ids)
+        got[s] = [L.buf.lengths[0] for L in c.layers]
+        assert got[s] == [c.policy.layer_budget(L.buf) for L in c.layers]
+        assert sum(got[s]) == 64 * len(c.layers)
+        assert all(L.buf.capacity == c.policy.capacity for L in c.layers)
+    assert got[0.0] == [64, 64] and got[0.5] == [90, 38] and got[-0.5] == [38, 90]  # mid 52 x (1 +- 0.5)

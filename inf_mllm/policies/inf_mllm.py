@@ -42,7 +42,7 @@ class InfMLLMPolicy(Policy):
     # bias_mode="absolute", bias=1e-3, novelty=0, pool=1
     defaults = dict(budget=2048, n_sink=4, n_recent=256, window=32, bias=1.0, bias_mode="relative", h_life=4096.0,
                     novelty=2.0, pool=7, min_text_slots=0, accumulate="sum",
-                    key_signal="novelty")
+                    key_signal="novelty", layer_slope=0.0)
 
     ACCUMULATE = ("sum", "peak")
     KEY_SIGNALS = ("novelty", "leverage")
@@ -62,6 +62,7 @@ class InfMLLMPolicy(Policy):
             raise ValueError(f"inf_mllm: accumulate must be one of {self.ACCUMULATE}, got {p['accumulate']!r}")
         if p["key_signal"] not in self.KEY_SIGNALS:
             raise ValueError(f"inf_mllm: key_signal must be one of {self.KEY_SIGNALS}, got {p['key_signal']!r}")
+        check_number("layer_slope", p["layer_slope"], -0.95, 0.95)
         if p["accumulate"] == "peak" and not p["h_life"] > 0:
             raise ValueError("inf_mllm: accumulate='peak' needs persistent scores (h_life > 0)")
         self._prev = {}  # accumulate="peak": id(buf) -> the decayed scores before the call (scoring -> due)
@@ -107,6 +108,42 @@ class InfMLLMPolicy(Policy):
             buf.scores.copy_(best)
         else:
             buf.scores[idx] = best
+
+    # -- per-layer budgets (opt-in) ------------------------------------------------------------
+    @property
+    def capacity(self) -> int:
+        s = abs(self.params["layer_slope"])
+        if not s:
+            return self.budget + self.slack
+        mid = self.budget - self.n_sink - self.n_recent
+        return self.n_sink + self.n_recent + int(mid * (1 + s)) + 1 + self.slack
+
+    def layer_budget(self, buf) -> int:
+        """``layer_slope = s``: layer ``l`` of ``N`` gets ``mid * (1 + s * (1 - 2 l / (N - 1)))`` middle
+        slots (``mid = budget - n_sink - n_recent``; ``s > 0``: more in the lower layers, as PyramidKV),
+        so the slots summed over layers stay ``N * budget`` (up to rounding); 0: every layer ``budget``."""
+        s, budget = self.params["layer_slope"], self.params["budget"]  # (self.budget is swapped in evict)
+        layer = getattr(buf, "owner", None)
+        if not s or layer is None or getattr(layer, "cache", None) is None:
+            return budget
+        n = len(layer.cache.layers)
+        if n < 2:
+            return budget
+        mid = budget - self.n_sink - self.n_recent
+        return self.n_sink + self.n_recent + max(0, int(round(mid * (1 + s * (1 - 2 * layer.layer_idx / (n - 1))))))
+
+    def over_budget(self, buf, rows):
+        return self.over_budget_rows(buf, rows, self.layer_budget(buf))
+
+    def evict(self, buf, rows, **kw):
+        b = self.layer_budget(buf)
+        if b == self.params["budget"]:
+            return super().evict(buf, rows, **kw)
+        saved, self.budget = self.budget, b  # the shared selection step reads self.budget
+        try:
+            return super().evict(buf, rows, **kw)
+        finally:
+            self.budget = saved
 
     # -- when it evicts -------------------------------------------------------------------
     def due(self, buf, n, phase, rows):
