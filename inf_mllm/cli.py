@@ -332,7 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_text(p)
     # window, bias, n_sink: each policy's own defaults unless given; n_recent 32 as in issue 10
     p.set_defaults(chunk=64, n_recent=32, window=None, bias=None, n_sink=None, budget=None)
-    p.add_argument("--budgets", default=None, help="budgets swept by every fixed-size policy (default 256,512,1024; full runs once)")
+    p.add_argument("--budgets", default=None, help="budgets swept by every fixed-size policy, in slots (256,1K) or as "
+                   "fractions of each case's context (12.5%%,25%%) (default 256,512,1024; full runs once)")
     p.add_argument("--lengths", default="1K,2K,4K,8K", help="context lengths in tokens, answer included (default 1K,2K,4K,8K)")
     p.add_argument("--depths", default="11", help="number of depths from 0%% to 100%% (default 11), or percents like 0,50,100")
     p.add_argument("--needles-per-cell", type=int, default=3, help="seeded cases per length x depth cell and kind (default 3)")
@@ -957,14 +958,44 @@ def cmd_eval_rounds(args) -> int:
     return 0
 
 
+def _check_needle_budgets(args, budgets) -> None:
+    """Every (policy, budget, length) the run will make, built once now: a fraction of the context
+    that leaves fewer slots than the sinks and recent window is reported before the model loads."""
+    from .evals.common import parse_int_list
+    from .evals.engine import policy_kwargs
+    from .evals.needle import budget_slots
+    from .policies import make_policy
+
+    try:
+        lengths = parse_int_list(args.lengths) or []
+    except ValueError as e:
+        raise UsageError(f"--lengths: {e}") from None
+    base = _policy_args(args)
+    for pol in _policies(args):
+        if pol == "full":
+            continue
+        for b in budgets:
+            for L in (lengths if isinstance(b, str) else [None]):
+                slots = budget_slots(b, L) if L else b
+                try:
+                    make_policy(pol, **({} if args.chunk is None else {"chunk": args.chunk}), **policy_kwargs(pol, dict(base, budget=slots)))
+                except (ValueError, TypeError) as e:
+                    at = f" ({b} of {L} tokens = {slots} slots)" if L else ""
+                    raise UsageError(f"policy {pol}, budget {b}{at}: {str(e).replace('inf_mllm: ', '')}") from None
+
+
 def cmd_eval_needle(args) -> int:
     from .evals.common import parse_int_list, parse_sweep
-    from .evals.needle import apply_preset, parse_depths, plot_heatmaps, resolve_seeds, run_needle
+    from .evals.needle import apply_preset, parse_budgets, parse_depths, plot_heatmaps, resolve_seeds, run_needle
 
     apply_preset(args, args._argv)
+    try:
+        budgets = parse_budgets(args.budgets) or ([args.budget] if args.budget else [256, 512, 1024])
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    _check_needle_budgets(args, budgets)
     dev = _setup(args)
     seed_set, seeds = resolve_seeds(args.seeds, args.needles_per_cell)
-    budgets = parse_int_list(args.budgets) or ([args.budget] if args.budget else [256, 512, 1024])
     text = _load_text(args)
     bundle = _load(args, dev)
     pol_args = _policy_args(args)

@@ -302,3 +302,56 @@ def test_eval_needle_estimate_only(tmp_path, text_file, one_thread, capsys):
     assert rc == 0 and not (out / "eval_needle.json").exists()
     err = capsys.readouterr().err
     assert "rough estimate" in err and "inf_mllm budget 96: ~" in err
+
+
+# ------------------------------------------------------------------------------------------
+# budgets as fractions of the context (--budgets 12.5%,25%)
+# ------------------------------------------------------------------------------------------
+
+
+def test_parse_budgets_and_slots():
+    assert needle.parse_budgets("256,1K") == [256, 1024]
+    assert needle.parse_budgets("12.5%, 25%") == ["12.5%", "25%"]
+    assert needle.parse_budgets("128,20%") == [128, "20%"]
+    assert needle.parse_budgets(None) is None
+    assert needle.budget_slots("12.5%", 4096) == 512 and needle.budget_slots("25%", 8192) == 2048
+    assert needle.budget_slots("20%", 640) == 128 and needle.budget_slots(300, 4096) == 300
+    for bad in ("0%", "120%", "x%", "12.5", "64,64"):
+        with pytest.raises(ValueError):
+            needle.parse_budgets(bad)
+
+
+def test_fractional_budgets_are_per_length(tmp_path, text_file, monkeypatch, one_thread):
+    """``--budgets 20%`` over lengths 500 and 700 runs each length at its own number of slots (100
+    and 140), recorded per case; the row and heatmap keep the fraction."""
+    made = []
+    real_init = engine.PolicyRunner.__init__
+
+    def spy(self, bundle, policy, args, chunk=None):
+        made.append((policy, args.get("budget")))
+        real_init(self, bundle, policy, args, chunk=chunk)
+
+    monkeypatch.setattr(engine.PolicyRunner, "__init__", spy)
+    out = tmp_path / "out"
+    rc = cli.main(["eval", "needle", "--model", "tiny-random", "--text", text_file, "--policies", "full,inf_mllm",
+                   "--budgets", "20%", "--n-recent", "8", "--chunk", "16", "--lengths", "500,700", "--depths", "0,100",
+                   "--needles-per-cell", "1", "--kind", "passkey", "--seeds", "tune", "--threads", "1",
+                   "--no-progress", "--no-share", "--out", str(out)])
+    assert rc == 0
+    d = json.loads((out / "eval_needle.json").read_text())
+    assert d["budgets"] == ["20%"]
+    assert [(r["policy"], r["budget"]) for r in d["rows"]] == [("full", None), ("inf_mllm", "20%")]
+    mine = [c for c in d["cases"] if c["policy"] == "inf_mllm"]
+    assert len(mine) == 4 and {(c["length"], c["slots"]) for c in mine} == {(500, 100), (700, 140)}
+    assert ("inf_mllm", 100) in made and ("inf_mllm", 140) in made
+    assert set(d["rows"][1]["args"]) == {"@500", "@700"} and d["rows"][1]["args"]["@700"]["budget"] == 140
+    assert os.path.exists(out / "eval_needle_inf_mllm_b20.png")
+
+
+def test_fractional_budget_too_small_is_refused_before_loading(tmp_path, text_file, capsys):
+    rc = cli.main(["eval", "needle", "--model", "tiny-random", "--text", text_file, "--policies", "inf_mllm",
+                   "--budgets", "1%", "--n-recent", "8", "--chunk", "16", "--lengths", "500", "--depths", "2",
+                   "--no-progress", "--out", str(tmp_path)])
+    assert rc != 0
+    err = capsys.readouterr().err
+    assert "1% of 500 tokens = 5 slots" in err and "loading model" not in err

@@ -169,6 +169,9 @@ def test_new_policy_is_one_class():
         ("inf_mllm", dict(h_life=-1), ValueError, "h_life must be in"),
         ("inf_mllm", dict(h_life=float("nan")), ValueError, "h_life must be a finite number"),
         ("inf_mllm", dict(pool=4), ValueError, "pool must be odd"),
+        ("inf_mllm", dict(accumulate="mean"), ValueError, "accumulate must be one of"),
+        ("inf_mllm", dict(key_signal="norm"), ValueError, "key_signal must be one of"),
+        ("inf_mllm", dict(accumulate="peak", h_life=0), ValueError, "needs persistent scores"),
     ],
 )
 def test_bad_arguments(name, kw, exc, msg):
@@ -275,3 +278,64 @@ def test_inf_mllm_novelty_ranking_equals_plain_recomputation():
     for h in range(2):
         want = sorted([0, 1] + order[h].tolist() + [21, 22, 23])
         assert lay.position[0, h, :10].tolist() == want
+
+
+def test_inf_mllm_peak_keeps_the_best_call_not_the_sum():
+    """accumulate="peak": after a call a slot holds max(decayed old score, the call's attention per
+    scoring query); "sum" adds them. Checked on the buffers with the operator's effect stood in for."""
+    for mode in ("sum", "peak"):
+        pol = make_policy("inf_mllm", budget=20, n_sink=1, n_recent=2, window=4, chunk=8, h_life=64, accumulate=mode)
+        lay = filled_buffers(B=1, H=2, lengths=(12,), C=28, policy=pol)
+        lay.scores.zero_()
+        lay.scores[0, :, 3] = torch.tensor([2.0, 0.1])
+        old = lay.scores.clone()
+        sc = pol.scoring(lay, 8, "prefill", [0])
+        d = 2 ** (-8 / 64)
+        if mode == "peak":
+            assert sc.restart == (0,) and sc.decay == 1.0
+            lay.reset_scores(sc.restart)
+        else:
+            assert sc.restart == () and sc.decay == pytest.approx(d)
+            lay.scores.mul_(sc.decay)
+        call = torch.zeros_like(lay.scores)
+        call[0, :, 3] = 4.0  # 4 scoring queries gave slot 3 a total of 4.0 (1.0 each) in both heads
+        call[0, :, 7] = 2.0
+        lay.scores += call
+        assert pol.due(lay, 8, "prefill", [0]) == []  # under budget
+        got = lay.scores[0, :, :12]
+        want = torch.maximum(old * d, call / 4)[0, :, :12] if mode == "peak" else (old * d + call)[0, :, :12]
+        torch.testing.assert_close(got, want)
+    # the head where the old score was higher keeps it (decayed), the other takes the call's mean
+    assert float(got[0, 3]) == pytest.approx(2.0 * d) and float(got[1, 3]) == pytest.approx(1.0)
+
+
+def test_key_leverage_is_the_hat_diagonal_and_finds_the_odd_key():
+    from inf_mllm.policies.inf_mllm import key_leverage
+
+    g = torch.Generator().manual_seed(0)
+    k = torch.randn(2, 50, 6, generator=g)
+    k[1, 17] = 8.0 * torch.randn(6, generator=g)  # one key far off the others' span
+    lev = key_leverage(k, ridge=0.0)
+    kc = (k - k.mean(1, keepdim=True)).double()
+    hat = kc @ torch.linalg.pinv(kc.transpose(1, 2) @ kc) @ kc.transpose(1, 2)
+    torch.testing.assert_close(lev.double(), hat.diagonal(dim1=1, dim2=2), rtol=1e-6, atol=1e-6)
+    assert float(lev[0].sum()) == pytest.approx(6.0, abs=1e-4)  # trace of the hat matrix = rank
+    assert int(lev[1].argmax()) == 17
+
+
+def test_inf_mllm_layer_slope_moves_slots_between_layers_with_the_total_fixed():
+    pytest.importorskip("transformers")
+    from inf_mllm.evals.engine import PolicyRunner, load_bundle
+
+    bundle = load_bundle("tiny-random", device="cpu")
+    ids = torch.randint(0, 200, (1, 300), generator=torch.Generator().manual_seed(0))
+    got = {}
+    for s in (0.0, 0.5, -0.5):
+        r = PolicyRunner(bundle, "inf_mllm", dict(budget=64, n_recent=8, layer_slope=s), chunk=16)
+        c = r.new_cache()
+        r.feed(c, ids)
+        got[s] = [L.buf.lengths[0] for L in c.layers]
+        assert got[s] == [c.policy.layer_budget(L.buf) for L in c.layers]
+        assert sum(got[s]) == 64 * len(c.layers)
+        assert all(L.buf.capacity == c.policy.capacity for L in c.layers)
+    assert got[0.0] == [64, 64] and got[0.5] == [90, 38] and got[-0.5] == [38, 90]  # mid 52 x (1 +- 0.5)

@@ -72,6 +72,8 @@ __all__ = [
     "run_needle",
     "plot_heatmaps",
     "apply_preset",
+    "parse_budgets",
+    "budget_slots",
 ]
 
 # (needle sentence, question (the answer follows it), answer: one word absent from the corpora)
@@ -205,6 +207,42 @@ def resolve_seeds(spec: str, n: int) -> Tuple[str, List[int]]:
         raise ValueError(f"--seeds: repeated seeds in {spec!r}")
     overlap = sorted({name for name, base in SEED_SETS.items() for s in seeds if base <= s < base + MAX_SEEDS_PER_SET})
     return ("custom" + (f" (within {'+'.join(overlap)})" if overlap else "")), seeds
+
+
+def parse_budgets(spec) -> Optional[List[Any]]:
+    """``"256,1K"`` -> ``[256, 1024]`` slots; ``"12.5%,25%"`` -> ``["12.5%", "25%"]``: fractions of each
+    case's context length (:func:`budget_slots`), so one run covers several lengths at the same
+    share. Both kinds may be mixed. ``None``/empty -> ``None``."""
+    from .common import parse_size
+
+    if spec is None or spec == "":
+        return None
+    items = list(spec) if isinstance(spec, (list, tuple)) else [x.strip() for x in str(spec).split(",") if x.strip()]
+    out: List[Any] = []
+    for x in items:
+        if isinstance(x, str) and x.endswith("%"):
+            try:
+                f = float(x[:-1])
+            except ValueError:
+                raise ValueError(f"--budgets: {x!r} is not a percentage (e.g. 12.5%)") from None
+            if not 0.0 < f <= 100.0:
+                raise ValueError(f"--budgets: a fraction of the context must be in (0%, 100%], got {x!r}")
+            out.append(f"{f:g}%")
+        else:
+            out.append(parse_size(x, minimum=1, name="--budgets"))
+    if not out:
+        raise ValueError(f"--budgets: no value in {spec!r}")
+    if len(set(out)) != len(out):
+        raise ValueError(f"--budgets: repeated budget in {spec!r}")
+    return out
+
+
+def budget_slots(budget, length: int) -> int:
+    """Slots of ``budget`` for a case of ``length`` tokens: an int as it is, ``"x%"`` -> ``round(x/100 *
+    length)`` (at least 1)."""
+    if isinstance(budget, str):
+        return max(1, int(round(float(budget.rstrip("%")) / 100.0 * length)))
+    return int(budget)
 
 
 def parse_depths(spec) -> List[float]:
@@ -530,6 +568,13 @@ def _runs(policies, policy_args, budgets, sweep):
     return out
 
 
+def _args_at(args: Dict[str, Any], budget, length: Optional[int]) -> Dict[str, Any]:
+    """``args`` with a fractional ``budget`` (``"12.5%"``) resolved to slots at ``length``."""
+    if isinstance(budget, str) and length is not None:
+        return dict(args, budget=budget_slots(budget, length))
+    return args
+
+
 def _cap(policy: str, args: Dict[str, Any], chunk: int) -> Optional[int]:
     if policy == "full":
         return None
@@ -580,12 +625,22 @@ def run_needle(
     def fork_of(c):
         return (c["positions"][0] // chunk) * chunk if share else 0
 
+    def groups(budget):
+        """``[(seed, length or None)]``: the cases that share a trunk and a runner (a budget given as a
+        fraction of the context is a different number of slots at each length)."""
+        if isinstance(budget, str):
+            return [(seed, L) for seed in seeds for L in lengths]
+        return [(seed, None) for seed in seeds]
+
+    def in_group(c, seed, L):
+        return c["seed"] == seed and (L is None or c["length"] == L)
+
     # --- work plan and estimate ---------------------------------------------------------
-    def plan_cost(cost: _Cost, policy, args):
-        cap = _cap(policy, args, chunk)
+    def plan_cost(cost: _Cost, policy, args, budget):
         total, n_q = 0.0, 0
-        for seed in seeds:
-            cs = [c for c in cases if c["seed"] == seed and not skip_full(c, policy)]
+        for seed, L in groups(budget):
+            cap = _cap(policy, _args_at(args, budget, L or max(lengths)), chunk)
+            cs = [c for c in cases if in_group(c, seed, L) and not skip_full(c, policy)]
             if not cs:
                 continue
             total += cost.feed(0, max(fork_of(c) for c in cs), cap)  # the trunk
@@ -599,9 +654,9 @@ def run_needle(
 
     n_questions = sum(sum(len(c["question_ids"]) for c in cases if not skip_full(c, pol)) for _, pol, _, _ in runs)
     streamed = 0
-    for _, pol, _, _ in runs:
-        for seed in seeds:
-            cs = [c for c in cases if c["seed"] == seed and not skip_full(c, pol)]
+    for _, pol, _, bud in runs:
+        for seed, L in groups(bud):
+            cs = [c for c in cases if in_group(c, seed, L) and not skip_full(c, pol)]
             if cs:
                 streamed += max(fork_of(c) for c in cs) + sum(len(c["ids"]) - fork_of(c) + sum(len(q) for q in c["question_ids"]) for c in cs)
     log(f"eval needle: {len(runs)} runs (policy x budget) x {len(cases)} cases x {needles} question(s) = "
@@ -612,10 +667,10 @@ def run_needle(
     timing: Dict[str, Any] = {}
     calib_ids = max((c["prose"] for c in cases), key=len) if cases else []
     if estimate and len(calib_ids) >= 4 * chunk:
-        fixed = next(((pol, args) for _, pol, args, _ in runs if pol != "full"), None)
+        fixed = next(((pol, _args_at(args, b, max(lengths))) for _, pol, args, b in runs if pol != "full"), None)
         t0 = time.perf_counter()
         cost = _calibrate(bundle, calib_ids, chunk, fixed)
-        est_runs = [plan_cost(cost, pol, args)[0] for _, pol, args, _ in runs]
+        est_runs = [plan_cost(cost, pol, args, b)[0] for _, pol, args, b in runs]
         timing = {"calibration_s": time.perf_counter() - t0, "ms_per_token": 1e3 * cost.a,
                   "ms_per_token_fixed": 1e3 * cost.a_fixed, "ms_per_token_per_1K_cached": 1e6 * cost.b,
                   "ms_per_decode_step": 1e3 * cost.dec, "estimate_s": sum(est_runs)}
@@ -638,12 +693,19 @@ def run_needle(
     est_done = 0.0
 
     for ri, (label, policy, args, budget) in enumerate(runs):
-        runner = PolicyRunner(bundle, policy, args, chunk=chunk)
+        runners: Dict[Optional[int], PolicyRunner] = {}
+
+        def runner_for(L, policy=policy, args=args, budget=budget, runners=runners):
+            if L not in runners:
+                runners[L] = PolicyRunner(bundle, policy, _args_at(args, budget, L), chunk=chunk)
+            return runners[L]
+
+        runner = runner_for(None) if not isinstance(budget, str) else None
         bar.set_description(f"needle {label}" + (f" b={budget}" if budget else ""))
         status: List[str] = []
         t0 = time.perf_counter()
         run_recs: List[Dict[str, Any]] = []
-        cap = _cap(policy, args, chunk)
+        cap = _cap(policy, args, chunk) if runner is not None else None
 
         def done_one(c, qi, gen, steps):
             nonlocal est_done
@@ -653,6 +715,8 @@ def run_needle(
                              "seed": c["seed"], "kind": c["kind"], "needle": qi, "needle_depth": c["depths"][qi],
                              "position": c["positions"][qi], "tokens": len(c["ids"]) + len(c["question_ids"][qi]),
                              "answer": nd["answer"], "generated": gen, "correct": bool(ok)})
+            if isinstance(budget, str) and policy != "full":
+                run_recs[-1]["slots"] = budget_slots(budget, c["length"])
             record("case", run_recs[-1])
             if cost is not None:
                 n = len(c["ids"])
@@ -667,8 +731,11 @@ def run_needle(
                 bar.set_postfix_str(f"ETA ~{left / 60:.0f} min", refresh=False)
 
         try:
-            for seed in seeds:
-                cs = [c for c in cases if c["seed"] == seed]
+            for seed, L in groups(budget):
+                if L is not None:
+                    runner = runner_for(L)
+                    cap = _cap(policy, _args_at(args, budget, L), chunk)
+                cs = [c for c in cases if in_group(c, seed, L)]
                 todo = []
                 for c in cs:
                     if skip_full(c, policy):
@@ -721,7 +788,8 @@ def run_needle(
         row = _row(label, policy, budget, run_recs, lengths, kinds)
         row["status"] = "; ".join(status) or "ok"
         row["seconds"] = secs
-        row["args"] = runner.effective_args or runner.policy_args
+        row["args"] = ((runner.effective_args or runner.policy_args) if not isinstance(budget, str) else
+                       {f"@{fmt_tokens(L)}": r.effective_args or r.policy_args for L, r in runners.items()})
         rows.append(row)
         record("row", row)
         free_memory(bundle.device)
@@ -750,7 +818,7 @@ def run_needle(
     notes.append(f"question fed after the stream (separate call, chunk {chunk}); {MATCH_RULE}")
     return {"rows": rows, "cases": records, "heatmaps": heat, "lengths": lengths, "depths": depths,
             "seed_set": seed_set, "seeds": list(seeds), "kinds": list(kinds), "needles": needles, "chunk": chunk,
-            "budgets": sorted({r[3] for r in runs if r[3]}), "max_new_tokens": max_new_tokens, "match": MATCH_RULE,
+            "budgets": list(dict.fromkeys(r[3] for r in runs if r[3])), "max_new_tokens": max_new_tokens, "match": MATCH_RULE,
             "doc_start": {"spec": doc_start, "ids": doc_start_ids(tok, doc_start)},
             "shared_prefix": share, "timing": timing, "example": example, "notes": notes}
 
@@ -823,7 +891,7 @@ def plot_heatmaps(res: Dict[str, Any], path_for: Callable[[str], str], model_nam
         ax.set_title(title, fontsize=9)
         fig.colorbar(im, ax=ax, fraction=0.05, pad=0.03)
         fig.tight_layout()
-        stem = "eval_needle_" + _slug(h["policy"]) + (f"_b{h['budget']}" if h["budget"] else "")
+        stem = "eval_needle_" + _slug(h["policy"]) + (f"_b{_slug(str(h['budget']))}" if h["budget"] else "")
         path = path_for(stem)
         fig.savefig(path)
         plt.close(fig)

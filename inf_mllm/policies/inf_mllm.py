@@ -41,7 +41,11 @@ class InfMLLMPolicy(Policy):
     # streaming perplexity (docs/method.md, "Defaults"); the first version is h_life=0,
     # bias_mode="absolute", bias=1e-3, novelty=0, pool=1
     defaults = dict(budget=2048, n_sink=4, n_recent=256, window=32, bias=1.0, bias_mode="relative", h_life=4096.0,
-                    novelty=2.0, pool=7, min_text_slots=0)
+                    novelty=2.0, pool=7, min_text_slots=0, accumulate="sum",
+                    key_signal="novelty", layer_slope=0.0)
+
+    ACCUMULATE = ("sum", "peak")
+    KEY_SIGNALS = ("novelty", "leverage")
 
     def validate(self):
         p = self.params
@@ -54,6 +58,14 @@ class InfMLLMPolicy(Policy):
         check_int("pool", p["pool"], 1)
         if p["pool"] % 2 == 0:
             raise ValueError(f"inf_mllm: pool must be odd, got {p['pool']}")
+        if p["accumulate"] not in self.ACCUMULATE:
+            raise ValueError(f"inf_mllm: accumulate must be one of {self.ACCUMULATE}, got {p['accumulate']!r}")
+        if p["key_signal"] not in self.KEY_SIGNALS:
+            raise ValueError(f"inf_mllm: key_signal must be one of {self.KEY_SIGNALS}, got {p['key_signal']!r}")
+        check_number("layer_slope", p["layer_slope"], -0.95, 0.95)
+        if p["accumulate"] == "peak" and not p["h_life"] > 0:
+            raise ValueError("inf_mllm: accumulate='peak' needs persistent scores (h_life > 0)")
+        self._prev = {}  # accumulate="peak": id(buf) -> the decayed scores before the call (scoring -> due)
         check_int("min_text_slots", p["min_text_slots"], 0)
         if p["min_text_slots"] > self.budget:
             raise ValueError(f"inf_mllm: min_text_slots={p['min_text_slots']} exceeds budget={self.budget}")
@@ -74,11 +86,69 @@ class InfMLLMPolicy(Policy):
         if phase == "prefill":
             for b in rows:
                 steps[b] = 0
+        if self.params["accumulate"] == "peak":  # the call scores from zero; due() keeps the max
+            self._prev[id(buf)] = (list(rows), buf.scores[list(rows)] * decay, min(self.window, n))
+            restart, decay = tuple(rows), 1.0
         return Scoring(window=self.window, bias=self.bias, bias_mode=self.params["bias_mode"], decay=decay,
                        restart=restart)
 
+    def _peak(self, buf) -> None:
+        """``accumulate="peak"``: each slot keeps the highest mean attention (+ bias) per scoring query
+        that any call gave it, decayed, instead of the sum over calls: a token's credit does not
+        grow with the number of calls it has lived through, so a new token competes with old ones on
+        what it received, not on its age."""
+        prev = self._prev.pop(id(buf), None)
+        if prev is None:
+            return
+        rows, old, nq = prev
+        idx = torch.tensor(rows, device=buf.scores.device) if rows != list(range(buf.batch)) else None
+        new = (buf.scores if idx is None else buf.scores[idx]) / max(nq, 1)
+        best = torch.maximum(old, new)
+        if idx is None:
+            buf.scores.copy_(best)
+        else:
+            buf.scores[idx] = best
+
+    # -- per-layer budgets (opt-in) ------------------------------------------------------------
+    @property
+    def capacity(self) -> int:
+        s = abs(self.params["layer_slope"])
+        if not s:
+            return self.budget + self.slack
+        mid = self.budget - self.n_sink - self.n_recent
+        return self.n_sink + self.n_recent + int(mid * (1 + s)) + 1 + self.slack
+
+    def layer_budget(self, buf) -> int:
+        """``layer_slope = s``: layer ``l`` of ``N`` gets ``mid * (1 + s * (1 - 2 l / (N - 1)))`` middle
+        slots (``mid = budget - n_sink - n_recent``; ``s > 0``: more in the lower layers, as PyramidKV),
+        so the slots summed over layers stay ``N * budget`` (up to rounding); 0: every layer ``budget``."""
+        s, budget = self.params["layer_slope"], self.params["budget"]  # (self.budget is swapped in evict)
+        layer = getattr(buf, "owner", None)
+        if not s or layer is None or getattr(layer, "cache", None) is None:
+            return budget
+        n = len(layer.cache.layers)
+        if n < 2:
+            return budget
+        mid = budget - self.n_sink - self.n_recent
+        return self.n_sink + self.n_recent + max(0, int(round(mid * (1 + s * (1 - 2 * layer.layer_idx / (n - 1))))))
+
+    def over_budget(self, buf, rows):
+        return self.over_budget_rows(buf, rows, self.layer_budget(buf))
+
+    def evict(self, buf, rows, **kw):
+        b = self.layer_budget(buf)
+        if b == self.params["budget"]:
+            return super().evict(buf, rows, **kw)
+        saved, self.budget = self.budget, b  # the shared selection step reads self.budget
+        try:
+            return super().evict(buf, rows, **kw)
+        finally:
+            self.budget = saved
+
     # -- when it evicts -------------------------------------------------------------------
     def due(self, buf, n, phase, rows):
+        if self._prev:
+            self._peak(buf)
         if phase == "prefill":
             return self.over_budget(buf, rows)
         steps = buf.state
@@ -106,7 +176,8 @@ class InfMLLMPolicy(Policy):
                 T = buf.lengths[b]
                 lo, hi = self.n_sink, T - self.n_recent
                 if hi - lo > 1:
-                    nov = key_novelty(buf.k[b, :, :T])
+                    kb = buf.k[b, :, :T]
+                    nov = key_leverage(kb) if self.params["key_signal"] == "leverage" else key_novelty(kb)
                     r[b, :, :T] = _standardise(buf.scores[b, :, :T], lo, hi) + w * _standardise(nov, lo, hi)
         return max_pool_slots(r, k) if k > 1 else r
 
@@ -139,6 +210,19 @@ def key_novelty(k: torch.Tensor) -> torch.Tensor:
     kn = F.normalize(k.float(), dim=-1)
     anchor = F.normalize(kn.mean(1, keepdim=True), dim=-1)
     return -(kn * anchor).sum(-1)
+
+
+def key_leverage(k: torch.Tensor, ridge: float = 1e-3) -> torch.Tensor:
+    """``[H, T]``: the statistical leverage of each centred key of ``k [H, T, D]`` among the ``T``
+    keys of its head, ``kc_j^T (Kc^T Kc + ridge * tr/D * I)^-1 kc_j`` (the leverage-score idea of
+    Compactor, Chari et al. 2025: keys that span directions few others span). ``O(T D^2 + D^3)``."""
+    kc = k.double() - k.double().mean(1, keepdim=True)
+    g = kc.transpose(1, 2) @ kc  # [H, D, D]
+    D = g.shape[-1]
+    lam = ridge * g.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(1e-12)  # [H]
+    g = g + lam[:, None, None] * torch.eye(D, dtype=g.dtype, device=g.device)
+    sol = torch.linalg.solve(g, kc.transpose(1, 2))  # [H, D, T]
+    return (kc * sol.transpose(1, 2)).sum(-1).float()
 
 
 def _standardise(x: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
