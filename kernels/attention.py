@@ -62,6 +62,9 @@ POISON = False
 # Tests only: take the GPU's low-precision matmul branch under the interpreter as well.
 _FORCE_LOWP = False
 
+# Key block under the interpreter (a multiple of ROPE_BLOCK; the tests also run 64, the GPU's).
+_INTERP_BLOCK_N = 128
+
 _NEG = tl.constexpr(-1.0e30)  # finite "minus infinity" for running maxima: empty splits stay NaN-free
 
 
@@ -101,24 +104,147 @@ def choose_num_splits(bh: int, C: int, block_n: int, device: torch.device) -> in
 # shared helpers
 # --------------------------------------------------------------------------------------
 
+# RoPE modes (constexpr ROPE of every kernel)
+ROPE_NONE = 0   # no rotation
+ROPE_TABLE = 1  # cos/sin tables [>=C, D] by slot (the fallback)
+ROPE_FREQ = 2   # from inv_freq at the slot: angle addition inside a key block of ROPE_BLOCK slots
+ROPE_POS = 3    # from inv_freq at per-slot positions rope_pos[sections[i], b, h, slot] (M-RoPE)
+
+#: key block of the angle addition (== inf_mllm.reference.ROPE_BLOCK; the tests check it)
+ROPE_BLOCK = 64
+
 
 @triton.jit
-def _load_rows(base, row_off, pos, row_mask, cos_ptr, sin_ptr, d,
-               HEAD_DIM: tl.constexpr, HALF: tl.constexpr, HAS_ROPE: tl.constexpr):
-    """Load rows ``base + row_off[r] + d`` as float32 ``[R, BLOCK_D]``, rotated at slot
-    ``pos[r]`` when ``HAS_ROPE`` (cos/sin tables have row stride ``HEAD_DIM``)."""
-    dmask = d < HEAD_DIM
-    m2 = row_mask[:, None] & dmask[None, :]
-    x = tl.load(base + row_off[:, None] + d[None, :], mask=m2, other=0.0).to(tl.float32)
-    if HAS_ROPE:
-        dp = tl.where(d < HALF, d + HALF, d - HALF)
-        xp = tl.load(base + row_off[:, None] + dp[None, :], mask=m2, other=0.0).to(tl.float32)
-        sign = tl.where(d < HALF, -1.0, 1.0)
-        tab = pos[:, None].to(tl.int64) * HEAD_DIM + d[None, :]
-        c = tl.load(cos_ptr + tab, mask=m2, other=0.0).to(tl.float32)
-        s = tl.load(sin_ptr + tab, mask=m2, other=0.0).to(tl.float32)
-        x = x * c + sign[None, :] * xp * s
-    return x
+def _load_halves(base, row_off, row_mask, h, HALF: tl.constexpr):
+    """The two halves ``x[:, :HALF]``, ``x[:, HALF:]`` of rows ``base + row_off[r]`` as float32
+    ``[R, BLOCK_H]`` (each element loaded once)."""
+    m2 = row_mask[:, None] & (h < HALF)[None, :]
+    p = base + row_off[:, None] + h[None, :]
+    x1 = tl.load(p, mask=m2, other=0.0).to(tl.float32)
+    x2 = tl.load(p + HALF, mask=m2, other=0.0).to(tl.float32)
+    return x1, x2
+
+
+@triton.jit
+def _rope_rows(pos, row_mask, h, COS, SIN, FREQ, POS, SEC, pos_base, pos_plane,
+               HEAD_DIM: tl.constexpr, HALF: tl.constexpr, ROPE: tl.constexpr, NSEC: tl.constexpr,
+               RB: tl.constexpr):
+    """cos/sin of the first and second halves ``(c1, s1, c2, s2)``, float32 ``[R, BLOCK_H]``, of rows
+    at slots ``pos [R]`` (one cos/sin per row and frequency: for the queries, and the keys of the
+    table and per-slot position forms). ``ROPE_FREQ``: the angle-addition form of
+    ``reference.rope_cos_sin_blocked`` (without ``rope_scale``, which the launcher folds into the
+    softmax scale); ``ROPE_POS``: ``angle_i = POS[SEC[i], pos_base + pos] * FREQ[i]``."""
+    hm = h < HALF
+    if ROPE == 1:
+        m2 = row_mask[:, None] & hm[None, :]
+        tab = pos[:, None].to(tl.int64) * HEAD_DIM + h[None, :]
+        c1 = tl.load(COS + tab, mask=m2, other=0.0).to(tl.float32)
+        c2 = tl.load(COS + tab + HALF, mask=m2, other=0.0).to(tl.float32)
+        s1 = tl.load(SIN + tab, mask=m2, other=0.0).to(tl.float32)
+        s2 = tl.load(SIN + tab + HALF, mask=m2, other=0.0).to(tl.float32)
+        return c1, s1, c2, s2
+    elif ROPE == 2:
+        f = tl.load(FREQ + h, mask=hm, other=0.0)
+        jb = (pos // RB) * RB
+        a0 = jb.to(tl.float32)[:, None] * f[None, :]
+        a1 = (pos - jb).to(tl.float32)[:, None] * f[None, :]
+        c0, s0, co, so = tl.cos(a0), tl.sin(a0), tl.cos(a1), tl.sin(a1)
+        c = c0 * co - s0 * so
+        s = s0 * co + c0 * so
+        return c, s, c, s
+    else:
+        f = tl.load(FREQ + h, mask=hm, other=0.0)
+        sec = tl.load(SEC + h, mask=hm, other=0)
+        p = pos[:, None] * 0 + sec[None, :] * 0
+        for si in tl.static_range(NSEC):
+            ps = tl.load(POS + si * pos_plane + pos_base + pos, mask=row_mask, other=0)
+            p = tl.where(sec[None, :] == si, ps[:, None], p)
+        a = p.to(tl.float32) * f[None, :]
+        c = tl.cos(a)
+        s = tl.sin(a)
+        return c, s, c, s
+
+
+@triton.jit
+def _rope_offsets(FREQ, h, HALF: tl.constexpr, RB: tl.constexpr):
+    """``ROPE_FREQ``: the frequencies ``[BLOCK_H]`` and the in-block offsets' ``cos(o f), sin(o f)``
+    ``[RB, BLOCK_H]`` (``o = 0..RB-1``), computed once per program."""
+    f = tl.load(FREQ + h, mask=h < HALF, other=0.0)
+    a1 = tl.arange(0, RB).to(tl.float32)[:, None] * f[None, :]
+    return f, tl.cos(a1), tl.sin(a1)
+
+
+@triton.jit
+def _rope_block(j0, f, co, so, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, RB: tl.constexpr):
+    """``ROPE_FREQ``: cos/sin ``[BLOCK_N, BLOCK_H]`` of the key block at slots ``j0 .. j0+BLOCK_N-1``
+    (``j0`` a multiple of ``RB``, ``BLOCK_N`` of ``RB``) by angle addition: a cos/sin per
+    ``RB``-slot sub-block start and frequency, times the offsets' (``_rope_offsets``)."""
+    if BLOCK_N == RB:
+        a0 = f * j0  # j0 < 2**24: exact in float32, as the reference's j0.float()
+        c0 = tl.cos(a0)[None, :]
+        s0 = tl.sin(a0)[None, :]
+        return c0 * co - s0 * so, s0 * co + c0 * so
+    else:
+        NB: tl.constexpr = BLOCK_N // RB
+        jb = j0 + tl.arange(0, NB) * RB
+        a0 = jb.to(tl.float32)[:, None] * f[None, :]
+        c0 = tl.cos(a0)[:, None, :]
+        s0 = tl.sin(a0)[:, None, :]
+        c = tl.reshape(c0 * co[None, :, :] - s0 * so[None, :, :], [BLOCK_N, BLOCK_H])
+        s = tl.reshape(s0 * co[None, :, :] + c0 * so[None, :, :], [BLOCK_N, BLOCK_H])
+        return c, s
+
+
+@triton.jit
+def _load_q(q_base, row_off, pos, row_mask, d, h, COS, SIN, FREQ, POS, SEC, pos_base, pos_plane,
+            HEAD_DIM: tl.constexpr, HALF: tl.constexpr, ROPE: tl.constexpr, NSEC: tl.constexpr,
+            RB: tl.constexpr, LOWP: tl.constexpr, DT: tl.constexpr):
+    """Query rows, rotated at slot ``pos`` when ``ROPE``: ``(q, q)`` full rows ``[R, BLOCK_D]``
+    without RoPE, else the two rotated halves ``(q1, q2)`` ``[R, BLOCK_H]``; in ``DT`` when
+    ``LOWP`` (cast once, outside the key loop), else float32."""
+    if ROPE == 0:
+        m2 = row_mask[:, None] & (d < HEAD_DIM)[None, :]
+        q = tl.load(q_base + row_off[:, None] + d[None, :], mask=m2, other=0.0).to(tl.float32)
+        if LOWP:
+            q = q.to(DT)
+        return q, q
+    else:
+        x1, x2 = _load_halves(q_base, row_off, row_mask, h, HALF)
+        c1, s1, c2, s2 = _rope_rows(pos, row_mask, h, COS, SIN, FREQ, POS, SEC, pos_base, pos_plane,
+                                    HEAD_DIM, HALF, ROPE, NSEC, RB)
+        q1 = x1 * c1 - x2 * s1
+        q2 = x2 * c2 + x1 * s2
+        if LOWP:
+            q1 = q1.to(DT)
+            q2 = q2.to(DT)
+        return q1, q2
+
+
+@triton.jit
+def _key_logits(q1, q2, k_base, j, jmask, j0, d, h, f, co, so, COS, SIN, FREQ, POS, SEC, pos_base, pos_plane,
+                HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
+                ROPE: tl.constexpr, NSEC: tl.constexpr, RB: tl.constexpr, LOWP: tl.constexpr, DT: tl.constexpr):
+    """Unscaled logits ``q . rot(k_j)`` ``[R, BLOCK_N]`` of the key block at slots ``j`` (block start
+    ``j0``): one load of each key element; with RoPE the two halves of a row are loaded once and
+    both rotated from that load (``r1 = k1 c - k2 s``, ``r2 = k2 c + k1 s``), two dots."""
+    if ROPE == 0:
+        k = tl.load(k_base + j[:, None] * HEAD_DIM + d[None, :], mask=jmask[:, None] & (d < HEAD_DIM)[None, :],
+                    other=0.0)
+        if not LOWP:
+            k = k.to(tl.float32)
+        return _qk(q1, k, LOWP, DT)
+    else:
+        k1, k2 = _load_halves(k_base, j * HEAD_DIM, jmask, h, HALF)
+        if ROPE == 2:
+            c, s = _rope_block(j0, f, co, so, BLOCK_N, BLOCK_H, RB)
+            r1 = k1 * c - k2 * s
+            r2 = k2 * c + k1 * s
+        else:
+            c1, s1, c2, s2 = _rope_rows(j, jmask, h, COS, SIN, FREQ, POS, SEC, pos_base, pos_plane,
+                                        HEAD_DIM, HALF, ROPE, NSEC, RB)
+            r1 = k1 * c1 - k2 * s1
+            r2 = k2 * c2 + k1 * s2
+        return _qk(q1, r1, LOWP, DT) + _qk(q2, r2, LOWP, DT)
 
 
 @triton.jit
@@ -163,12 +289,13 @@ def _pv(p, v, LOWP: tl.constexpr, DT: tl.constexpr):
 
 @triton.jit
 def _decode_stage1(
-    Q, K, V, LEN, COS, SIN,
+    Q, K, V, LEN, COS, SIN, FREQ, POS, SEC,
     M_WS, L_WS, ACC_WS, S_WS,
-    scale, Hkv, C, n, NS, R, nw,
-    HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_ROPE: tl.constexpr, SCORE: tl.constexpr, LOWP: tl.constexpr, DT: tl.constexpr,
+    scale, Hkv, C, n, NS, R, nw, pos_plane,
+    HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SR: tl.constexpr,
+    ROPE: tl.constexpr, NSEC: tl.constexpr, RB: tl.constexpr,
+    SCORE: tl.constexpr, ALL_ROWS_SCORE: tl.constexpr, LOWP: tl.constexpr, DT: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     sid = tl.program_id(1)
@@ -177,15 +304,22 @@ def _decode_stage1(
 
     r = tl.arange(0, BLOCK_R)
     d = tl.arange(0, BLOCK_D)
+    h = tl.arange(0, BLOCK_H)
     rmask = r < R
     i = r % n  # query index inside the call; rows are (g, i) flattened, g-major
     t = L - n + i  # slot of each query row
+    pos_base = pid_bh.to(tl.int64) * C
 
     # q[b, h*G + g, i, :] sits at row (b*Hkv + h)*G*n + r of the [B*Hq*n, D] view
     q_base = Q + pid_bh.to(tl.int64) * R * HEAD_DIM
-    q = _load_rows(q_base, r * HEAD_DIM, t, rmask, COS, SIN, d, HEAD_DIM, HALF, HAS_ROPE)
-    if LOWP:
-        q = q.to(DT)  # once, outside the key loop
+    q1, q2 = _load_q(q_base, r * HEAD_DIM, t, rmask, d, h, COS, SIN, FREQ, POS, SEC, pos_base, pos_plane,
+                     HEAD_DIM, HALF, ROPE, NSEC, RB, LOWP, DT)
+    if ROPE == 2:
+        f, co, so = _rope_offsets(FREQ, h, HALF, RB)
+    else:
+        f = 0.0
+        co = 0.0
+        so = 0.0
 
     kv_base = pid_bh.to(tl.int64) * C * HEAD_DIM
     split_len = tl.cdiv(tl.cdiv(L, NS), BLOCK_N) * BLOCK_N
@@ -202,15 +336,24 @@ def _decode_stage1(
     for j0 in range(lo, hi, BLOCK_N):
         j = j0 + tl.arange(0, BLOCK_N)
         jmask = j < hi
-        k = _load_rows(K + kv_base, j * HEAD_DIM, j, jmask, COS, SIN, d, HEAD_DIM, HALF, HAS_ROPE)
+        s = _key_logits(q1, q2, K + kv_base, j, jmask, j0, d, h, f, co, so, COS, SIN, FREQ, POS, SEC, pos_base,
+                        pos_plane, HEAD_DIM, HALF, BLOCK_N, BLOCK_H, ROPE, NSEC, RB, LOWP, DT) * scale
         v = tl.load(V + kv_base + j[:, None] * HEAD_DIM + d[None, :],
                     mask=jmask[:, None] & (d[None, :] < HEAD_DIM), other=0.0)
-        s = _qk(q, k, LOWP, DT) * scale
         vis = (j[None, :] <= t[:, None]) & jmask[None, :] & rmask[:, None]
         s = tl.where(vis, s, float("-inf"))
         if SCORE:
-            tl.store(s_base + srow[:, None] * C + j[None, :], s,
-                     mask=score_row[:, None] & jmask[None, :])
+            if ALL_ROWS_SCORE and BLOCK_SR < BLOCK_R:
+                # every query row scores (n == nw): store only the first BLOCK_SR >= R rows of the
+                # tile, so that no padding row is even a masked store
+                sr = tl.arange(0, BLOCK_SR)
+                s3 = tl.reshape(s, [BLOCK_R // BLOCK_SR, BLOCK_SR, BLOCK_N])
+                first = tl.arange(0, BLOCK_R // BLOCK_SR)[:, None, None] == 0
+                s_top = tl.sum(tl.where(first, s3, 0.0), 0)
+                tl.store(s_base + sr[:, None] * C + j[None, :], s_top, mask=(sr < R)[:, None] & jmask[None, :])
+            else:
+                tl.store(s_base + srow[:, None] * C + j[None, :], s,
+                         mask=score_row[:, None] & jmask[None, :])
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(s - m_new[:, None])
@@ -228,29 +371,27 @@ def _decode_stage1(
 def _decode_reduce(
     O, LEN, SCORES, M_WS, L_WS, ACC_WS, S_WS,
     Hkv, C, n, NS, R, nw, G, bias, decay,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_SR: tl.constexpr,
     BLOCK_N: tl.constexpr, NS_P2: tl.constexpr, SCORE: tl.constexpr, BIAS_REL: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     sid = tl.program_id(1)
     b = pid_bh // Hkv
     L = tl.load(LEN + b)
-
-    r = tl.arange(0, BLOCK_R)
-    d = tl.arange(0, BLOCK_D)
     sp = tl.arange(0, NS_P2)
-    rmask = r < R
     ws0 = pid_bh.to(tl.int64) * NS * BLOCK_R
-    stat = ws0 + sp[:, None] * BLOCK_R + r[None, :]
-    smask = (sp[:, None] < NS) & (r[None, :] < BLOCK_R)
-    m_s = tl.load(M_WS + stat, mask=smask, other=_NEG)  # [NS_P2, BLOCK_R]
-    l_s = tl.load(L_WS + stat, mask=smask, other=0.0)
-    m_g = tl.max(m_s, 0)  # [BLOCK_R]
-    w_s = tl.exp(m_s - m_g[None, :])
-    l_g = tl.sum(l_s * w_s, 0)
-    l_safe = tl.where(l_g > 0, l_g, 1.0)
 
     if sid == 0:
+        r = tl.arange(0, BLOCK_R)
+        d = tl.arange(0, BLOCK_D)
+        rmask = r < R
+        stat = ws0 + sp[:, None] * BLOCK_R + r[None, :]
+        smask = (sp[:, None] < NS) & (r[None, :] < BLOCK_R)
+        m_s = tl.load(M_WS + stat, mask=smask, other=_NEG)  # [NS_P2, BLOCK_R]
+        l_s = tl.load(L_WS + stat, mask=smask, other=0.0)
+        m_g = tl.max(m_s, 0)  # [BLOCK_R]
+        l_g = tl.sum(l_s * tl.exp(m_s - m_g[None, :]), 0)
+        l_safe = tl.where(l_g > 0, l_g, 1.0)
         acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
         for s in range(0, NS):
             ws = ws0 + s * BLOCK_R
@@ -263,22 +404,30 @@ def _decode_reduce(
                  mask=rmask[:, None] & (d[None, :] < HEAD_DIM))
 
     if SCORE:
-        lse = m_g + tl.log(l_safe)
-        i = r % n
-        t = L - n + i
-        score_row = rmask & (i >= n - nw)
+        # the G * nw scoring rows only: (g, iw) -> query row g * n + n - nw + iw at slot L - nw + iw
+        sr = tl.arange(0, BLOCK_SR)
+        srmask = sr < G * nw
+        iw = sr % nw
+        rr = (sr // nw) * n + (n - nw) + iw
+        t = L - nw + iw
+        stat = ws0 + sp[:, None] * BLOCK_R + rr[None, :]
+        smask = (sp[:, None] < NS) & srmask[None, :]
+        m_s = tl.load(M_WS + stat, mask=smask, other=_NEG)  # [NS_P2, BLOCK_SR]
+        l_s = tl.load(L_WS + stat, mask=smask, other=0.0)
+        m_g = tl.max(m_s, 0)
+        l_g = tl.sum(l_s * tl.exp(m_s - m_g[None, :]), 0)
+        lse = m_g + tl.log(tl.where(l_g > 0, l_g, 1.0))
         split_len = tl.cdiv(tl.cdiv(L, NS), BLOCK_N) * BLOCK_N
         lo = sid * split_len
         hi = tl.minimum(lo + split_len, L)
-        srow = (r // n) * nw + (i - (n - nw))
         s_base = S_WS + pid_bh.to(tl.int64) * G * nw * C
         sc_base = SCORES + pid_bh.to(tl.int64) * C
         inv_g = 1.0 / G
         for j0 in range(lo, hi, BLOCK_N):
             j = j0 + tl.arange(0, BLOCK_N)
             jmask = j < hi
-            vis = score_row[:, None] & (j[None, :] <= t[:, None]) & jmask[None, :]
-            x = tl.load(s_base + srow[:, None] * C + j[None, :], mask=vis, other=float("-inf"))
+            vis = srmask[:, None] & (j[None, :] <= t[:, None]) & jmask[None, :]
+            x = tl.load(s_base + sr[:, None] * C + j[None, :], mask=vis, other=float("-inf"))
             p = tl.where(vis, tl.exp(x - lse[:, None]), 0.0)
             col = tl.sum(p, 0) * inv_g
             old = tl.load(sc_base + j, mask=jmask, other=0.0)
@@ -292,29 +441,38 @@ def _decode_reduce(
 
 @triton.jit
 def _prefill_fwd(
-    Q, K, V, O, LSE, LEN, COS, SIN,
-    scale, Hq, G, C, n,
-    HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_D: tl.constexpr,
+    Q, K, V, O, LSE, LEN, COS, SIN, FREQ, POS, SEC,
+    scale, Hq, G, C, n, pos_plane,
+    HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_ROPE: tl.constexpr, WRITE_LSE: tl.constexpr, LOWP: tl.constexpr, DT: tl.constexpr,
+    ROPE: tl.constexpr, NSEC: tl.constexpr, RB: tl.constexpr,
+    WRITE_LSE: tl.constexpr, LOWP: tl.constexpr, DT: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bq = tl.program_id(1)  # b * Hq + hq
     b = pid_bq // Hq
     hq = pid_bq % Hq
-    h = hq // G
+    h_kv = hq // G
     L = tl.load(LEN + b)
 
     i = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     d = tl.arange(0, BLOCK_D)
+    h = tl.arange(0, BLOCK_H)
     imask = i < n
     t = L - n + i
+    kv_row = (b * (Hq // G) + h_kv).to(tl.int64)
+    pos_base = kv_row * C
     q_base = Q + pid_bq.to(tl.int64) * n * HEAD_DIM
-    q = _load_rows(q_base, i * HEAD_DIM, t, imask, COS, SIN, d, HEAD_DIM, HALF, HAS_ROPE)
-    if LOWP:
-        q = q.to(DT)  # once, outside the key loop
+    q1, q2 = _load_q(q_base, i * HEAD_DIM, t, imask, d, h, COS, SIN, FREQ, POS, SEC, pos_base, pos_plane,
+                     HEAD_DIM, HALF, ROPE, NSEC, RB, LOWP, DT)
+    if ROPE == 2:
+        f, co, so = _rope_offsets(FREQ, h, HALF, RB)
+    else:
+        f = 0.0
+        co = 0.0
+        so = 0.0
 
-    kv_base = (b * (Hq // G) + h).to(tl.int64) * C * HEAD_DIM
+    kv_base = kv_row * C * HEAD_DIM
     hi = tl.minimum(L - n + tl.minimum(pid_m * BLOCK_M + BLOCK_M, n), L)  # last visible slot + 1
 
     m_i = tl.full([BLOCK_M], _NEG, tl.float32)
@@ -323,10 +481,10 @@ def _prefill_fwd(
     for j0 in range(0, hi, BLOCK_N):
         j = j0 + tl.arange(0, BLOCK_N)
         jmask = j < hi
-        k = _load_rows(K + kv_base, j * HEAD_DIM, j, jmask, COS, SIN, d, HEAD_DIM, HALF, HAS_ROPE)
+        s = _key_logits(q1, q2, K + kv_base, j, jmask, j0, d, h, f, co, so, COS, SIN, FREQ, POS, SEC, pos_base,
+                        pos_plane, HEAD_DIM, HALF, BLOCK_N, BLOCK_H, ROPE, NSEC, RB, LOWP, DT) * scale
         v = tl.load(V + kv_base + j[:, None] * HEAD_DIM + d[None, :],
                     mask=jmask[:, None] & (d[None, :] < HEAD_DIM), other=0.0)
-        s = _qk(q, k, LOWP, DT) * scale
         vis = (j[None, :] <= t[:, None]) & jmask[None, :] & imask[:, None]
         s = tl.where(vis, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -347,11 +505,12 @@ def _prefill_fwd(
 
 @triton.jit
 def _prefill_scores(
-    Q, K, LSE, LEN, COS, SIN, SCORES,
-    scale, Hkv, G, C, n, nw, bias, decay,
-    HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_D: tl.constexpr,
+    Q, K, LSE, LEN, COS, SIN, FREQ, POS, SEC, SCORES,
+    scale, Hkv, G, C, n, nw, bias, decay, pos_plane,
+    HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_ROPE: tl.constexpr, LOWP: tl.constexpr, DT: tl.constexpr, BIAS_REL: tl.constexpr,
+    ROPE: tl.constexpr, NSEC: tl.constexpr, RB: tl.constexpr,
+    LOWP: tl.constexpr, DT: tl.constexpr, BIAS_REL: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -360,12 +519,31 @@ def _prefill_scores(
     j0 = pid_n * BLOCK_N
     if j0 < L:
         d = tl.arange(0, BLOCK_D)
+        h = tl.arange(0, BLOCK_H)
         j = j0 + tl.arange(0, BLOCK_N)
         jmask = j < L
+        pos_base = pid_bh.to(tl.int64) * C
         kv_base = pid_bh.to(tl.int64) * C * HEAD_DIM
-        k = _load_rows(K + kv_base, j * HEAD_DIM, j, jmask, COS, SIN, d, HEAD_DIM, HALF, HAS_ROPE)
+        # the key block, loaded and rotated once: full rows without RoPE, else its two rotated halves
+        if ROPE == 0:
+            k1 = tl.load(K + kv_base + j[:, None] * HEAD_DIM + d[None, :],
+                         mask=jmask[:, None] & (d < HEAD_DIM)[None, :], other=0.0).to(tl.float32)
+            k2 = k1
+        else:
+            x1, x2 = _load_halves(K + kv_base, j * HEAD_DIM, jmask, h, HALF)
+            if ROPE == 2:
+                f, co, so = _rope_offsets(FREQ, h, HALF, RB)
+                c, s = _rope_block(j0, f, co, so, BLOCK_N, BLOCK_H, RB)
+                k1 = x1 * c - x2 * s
+                k2 = x2 * c + x1 * s
+            else:
+                c1, s1, c2, s2 = _rope_rows(j, jmask, h, COS, SIN, FREQ, POS, SEC, pos_base, pos_plane,
+                                            HEAD_DIM, HALF, ROPE, NSEC, RB)
+                k1 = x1 * c1 - x2 * s1
+                k2 = x2 * c2 + x1 * s2
         if LOWP:
-            k = k.to(DT)
+            k1 = k1.to(DT)
+            k2 = k2.to(DT)
         col = tl.zeros([BLOCK_N], tl.float32)
         R = G * nw
         # the G*n query rows of this KV head start at row pid_bh*G*n of the [B*Hq*n, D] view
@@ -378,9 +556,13 @@ def _prefill_scores(
             i = n - nw + r % nw
             t = L - n + i
             row = g * n + i
-            q = _load_rows(q_base, row * HEAD_DIM, t, rmask, COS, SIN, d, HEAD_DIM, HALF, HAS_ROPE)
+            q1, q2 = _load_q(q_base, row * HEAD_DIM, t, rmask, d, h, COS, SIN, FREQ, POS, SEC, pos_base, pos_plane,
+                             HEAD_DIM, HALF, ROPE, NSEC, RB, LOWP, DT)
             lse = tl.load(lse_base + row, mask=rmask, other=0.0)
-            s = _qk(q, k, LOWP, DT) * scale
+            if ROPE == 0:
+                s = _qk(q1, k1, LOWP, DT) * scale
+            else:
+                s = (_qk(q1, k1, LOWP, DT) + _qk(q2, k2, LOWP, DT)) * scale
             vis = rmask[:, None] & (j[None, :] <= t[:, None]) & jmask[None, :]
             p = tl.where(vis, tl.exp(s - lse[:, None]), 0.0)
             col += tl.sum(p, 0)
@@ -426,16 +608,14 @@ def attention_with_scores_triton(
 ) -> torch.Tensor:
     """SPEC §4.1 with Triton. Arguments are trusted (checked by ``inf_mllm.ops``).
 
+    RoPE: the ``cos, sin [>=C, D]`` tables by slot (the fallback), or the frequencies ``inv_freq
+    [D/2]`` (float32) with ``rope_scale``, at the slot (angle addition inside key blocks of
+    ``ROPE_BLOCK`` slots, ``inf_mllm.reference.rope_cos_sin_blocked``) or, with ``rope_pos [S, B,
+    Hkv, C]`` int32 and ``rope_sections [D/2]`` int32, at each slot's stored positions.
+
     ``path`` (``"decode"``/``"prefill"``) and ``num_splits`` override the heuristics (tests,
     benchmarks). ``length`` is never read on the host.
     """
-    if rope_pos is not None:
-        raise NotImplementedError("inf_mllm: the Triton kernels do not take per-slot rotary positions yet")
-    if inv_freq is not None:  # interim: the frequencies as a table by slot
-        pos = torch.arange(k.shape[2], device=k.device, dtype=torch.float32)
-        ang = pos[:, None] * inv_freq
-        ang = torch.cat((ang, ang), dim=-1)
-        cos, sin = (ang.cos() * rope_scale).contiguous(), (ang.sin() * rope_scale).contiguous()
     B, Hq, n, D = q.shape
     Hkv, C = k.shape[1], k.shape[2]
     G = Hq // Hkv
@@ -445,12 +625,27 @@ def attention_with_scores_triton(
     DT = _TL_DT[q.dtype]
     score = scores is not None and window > 0
     nw = min(window, n) if score else 0
-    has_rope = cos is not None
-    cos_t = cos if has_rope else q
-    sin_t = sin if has_rope else q
+    if cos is not None:
+        rope, nsec = ROPE_TABLE, 1
+    elif inv_freq is None:
+        rope, nsec = ROPE_NONE, 1
+    elif rope_pos is None:
+        rope, nsec = ROPE_FREQ, 1
+    else:
+        rope, nsec = ROPE_POS, int(rope_pos.shape[0])
+    if rope in (ROPE_FREQ, ROPE_POS):
+        scale = float(scale) * float(rope_scale) ** 2  # cos/sin times rope_scale on q and on k
+    cos_t = cos if cos is not None else q
+    sin_t = sin if sin is not None else q
+    freq_t = inv_freq if inv_freq is not None else q
+    pos_t = rope_pos if rope_pos is not None else length
+    sec_t = rope_sections if rope_sections is not None else length
+    pos_plane = B * Hkv * C
     sc_t = scores if score else q
     BLOCK_D = max(16, _next_pow2(D))
     HALF = D // 2
+    BLOCK_H = max(16, _next_pow2(HALF))
+    has_rope = rope != ROPE_NONE
     scale = float(scale)
     bias = float(bias)
     decay = float(decay)
@@ -458,6 +653,7 @@ def attention_with_scores_triton(
         raise ValueError(f"unknown bias_mode {bias_mode!r}")
     bias_rel = bias_mode == "relative"
     out = _empty(q.shape, q.dtype, dev)
+    rope_kw = dict(ROPE=rope, NSEC=nsec, RB=ROPE_BLOCK)
 
     if path is None:
         path = "decode" if G * n <= DECODE_MAX_ROWS else "prefill"
@@ -465,18 +661,17 @@ def attention_with_scores_triton(
     if path == "decode":
         R = G * n
         BLOCK_R = max(16, _next_pow2(R))
+        BLOCK_SR = _next_pow2(G * nw) if score else 1
         if interp:
-            BLOCK_N = 128
+            BLOCK_N = _INTERP_BLOCK_N
         elif has_rope and not lowp and BLOCK_D >= 128:
             BLOCK_N = 32  # fp32 RoPE: at 64 even two stages need 200 KiB of shared memory
         else:
             BLOCK_N = 64 if BLOCK_R * BLOCK_D <= 64 * 64 else 32
+        if rope == ROPE_FREQ:
+            BLOCK_N = max(BLOCK_N, ROPE_BLOCK)
         ns = num_splits or choose_num_splits(B * Hkv, C, BLOCK_N, dev)
         num_warps = 8 if BLOCK_R >= 64 and BLOCK_D >= 128 else 4
-        # RoPE pipelines four [BLOCK_N, BLOCK_D] tiles per key block (K, its partner half,
-        # float32 cos and sin) besides V; with fp32 K/V, or bf16/fp16 at 64 x 128 tiles, three
-        # stages overflow the A100's 163 KiB (bf16 D=128: 164-168 KiB; fp32: 180-368 KiB);
-        # two stages take 100-128 KiB (tools/triton_aot_check.py, bench/NOTES_triton.md).
         num_stages = 2 if has_rope and (not lowp or BLOCK_N * BLOCK_D >= 64 * 128) else 3
         m_ws = _empty((B * Hkv, ns, BLOCK_R), torch.float32, dev)
         l_ws = _empty((B * Hkv, ns, BLOCK_R), torch.float32, dev)
@@ -484,16 +679,16 @@ def attention_with_scores_triton(
         s_ws = _empty((B * Hkv, G * nw, C), torch.float32, dev) if score else m_ws
         grid = (B * Hkv, ns)
         _decode_stage1[grid](
-            q, k, v, length, cos_t, sin_t, m_ws, l_ws, acc_ws, s_ws,
-            scale, Hkv, C, n, ns, R, nw,
-            HEAD_DIM=D, HALF=HALF, BLOCK_D=BLOCK_D, BLOCK_R=BLOCK_R, BLOCK_N=BLOCK_N,
-            HAS_ROPE=has_rope, SCORE=score, LOWP=lowp, DT=DT, num_warps=num_warps,
-            num_stages=num_stages,
+            q, k, v, length, cos_t, sin_t, freq_t, pos_t, sec_t, m_ws, l_ws, acc_ws, s_ws,
+            scale, Hkv, C, n, ns, R, nw, pos_plane,
+            HEAD_DIM=D, HALF=HALF, BLOCK_D=BLOCK_D, BLOCK_H=BLOCK_H, BLOCK_R=BLOCK_R, BLOCK_N=BLOCK_N,
+            BLOCK_SR=BLOCK_SR, **rope_kw, SCORE=score, ALL_ROWS_SCORE=score and nw == n, LOWP=lowp, DT=DT,
+            num_warps=num_warps, num_stages=num_stages,
         )
         _decode_reduce[grid](
             out, length, sc_t, m_ws, l_ws, acc_ws, s_ws,
             Hkv, C, n, ns, R, nw, G, bias, decay,
-            HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_R=BLOCK_R, BLOCK_N=BLOCK_N,
+            HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_R=BLOCK_R, BLOCK_SR=BLOCK_SR, BLOCK_N=BLOCK_N,
             NS_P2=max(2, _next_pow2(ns)), SCORE=score, BIAS_REL=bias_rel and score, num_warps=num_warps,
         )
         return out
@@ -502,9 +697,9 @@ def attention_with_scores_triton(
         raise ValueError(f"unknown path {path!r}")
     if interp:
         BLOCK_M = max(16, min(128, _next_pow2(n)))
-        BLOCK_N = 128
+        BLOCK_N = _INTERP_BLOCK_N
         BLOCK_R = max(16, min(128, _next_pow2(G * max(nw, 1))))
-        BLOCK_NS = 128
+        BLOCK_NS = _INTERP_BLOCK_N
         num_warps = 4
     else:
         BLOCK_M = 64 if n >= 64 else max(16, _next_pow2(n))
@@ -512,23 +707,21 @@ def attention_with_scores_triton(
         BLOCK_R = 32
         BLOCK_NS = 64
         num_warps = 4
-    # fp32 RoPE: three stages need 176-208 KiB of shared memory (> sm_80's 163 KiB), two
-    # stages 112-128 KiB; bf16/fp16 keep three (at most 96 KiB).
+    if rope == ROPE_FREQ:
+        BLOCK_N, BLOCK_NS = max(BLOCK_N, ROPE_BLOCK), max(BLOCK_NS, ROPE_BLOCK)
     num_stages = 2 if has_rope and not lowp else 3
     lse = _empty((B, Hq, n), torch.float32, dev) if score else out
     _prefill_fwd[(triton.cdiv(n, BLOCK_M), B * Hq)](
-        q, k, v, out, lse, length, cos_t, sin_t,
-        scale, Hq, G, C, n,
-        HEAD_DIM=D, HALF=HALF, BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-        HAS_ROPE=has_rope, WRITE_LSE=score, LOWP=lowp, DT=DT, num_warps=num_warps,
-        num_stages=num_stages,
+        q, k, v, out, lse, length, cos_t, sin_t, freq_t, pos_t, sec_t,
+        scale, Hq, G, C, n, pos_plane,
+        HEAD_DIM=D, HALF=HALF, BLOCK_D=BLOCK_D, BLOCK_H=BLOCK_H, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+        **rope_kw, WRITE_LSE=score, LOWP=lowp, DT=DT, num_warps=num_warps, num_stages=num_stages,
     )
     if score:
         _prefill_scores[(B * Hkv, triton.cdiv(C, BLOCK_NS))](
-            q, k, lse, length, cos_t, sin_t, sc_t,
-            scale, Hkv, G, C, n, nw, bias, decay,
-            HEAD_DIM=D, HALF=HALF, BLOCK_D=BLOCK_D, BLOCK_R=BLOCK_R, BLOCK_N=BLOCK_NS,
-            HAS_ROPE=has_rope, LOWP=lowp, DT=DT, BIAS_REL=bias_rel, num_warps=num_warps,
-            num_stages=num_stages,
+            q, k, lse, length, cos_t, sin_t, freq_t, pos_t, sec_t, sc_t,
+            scale, Hkv, G, C, n, nw, bias, decay, pos_plane,
+            HEAD_DIM=D, HALF=HALF, BLOCK_D=BLOCK_D, BLOCK_H=BLOCK_H, BLOCK_R=BLOCK_R, BLOCK_N=BLOCK_NS,
+            **rope_kw, LOWP=lowp, DT=DT, BIAS_REL=bias_rel, num_warps=num_warps, num_stages=num_stages,
         )
     return out
