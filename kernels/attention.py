@@ -43,13 +43,14 @@ power of two, e.g. 3) is flattened into the row dimension, padded with masks.
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import triton
 import triton.language as tl
 
-__all__ = ["attention_with_scores_triton", "DECODE_MAX_ROWS", "choose_num_splits"]
+__all__ = ["attention_with_scores_triton", "DECODE_MAX_ROWS", "choose_num_splits", "gpu_target", "GpuTarget",
+           "KNOWN_TARGETS"]
 
 # Decode path when the G*n query rows of one KV head fit one program.
 DECODE_MAX_ROWS = 64
@@ -76,26 +77,67 @@ def _next_pow2(x: int) -> int:
     return 1 << max(0, (int(x) - 1).bit_length())
 
 
-_SM_COUNT: dict = {}
+class GpuTarget(NamedTuple):
+    """What the launch heuristics need to know of a GPU: compute capability ``arch`` (major * 10 +
+    minor), SM count, the opt-in shared memory per block and per SM (bytes), the resident
+    threads and blocks per SM."""
+
+    name: str
+    arch: int
+    sms: int
+    smem_block: int
+    smem_sm: int
+    threads_sm: int = 2048
+    blocks_sm: int = 32
+    regs_sm: int = 65536
 
 
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SM_COUNT:
-        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _SM_COUNT[idx]
+#: The targets the compile check (tools/triton_aot_check.py) compiles for, with their heuristics'
+#: inputs: A100 (sm_80: 108 SMs, 163 KiB per block), RTX 4090 D (sm_89: 114 SMs -- the RTX 4090
+#: has 128 --, 99 KiB per block, 1536 threads and 24 blocks per SM), H200 (sm_90: 132 SMs, 227 KiB).
+KNOWN_TARGETS = {
+    80: GpuTarget("A100 (sm_80)", 80, 108, 163 * 1024, 164 * 1024),
+    89: GpuTarget("RTX 4090 D (sm_89)", 89, 114, 99 * 1024, 100 * 1024, threads_sm=1536, blocks_sm=24),
+    90: GpuTarget("H200 (sm_90)", 90, 132, 227 * 1024, 228 * 1024),
+}
+
+#: The interpreter's (and the CPU's) stand-in: the heuristics' inputs of a small GPU.
+_CPU_TARGET = GpuTarget("cpu (interpreter)", 0, 2, 1 << 30, 1 << 30)
+
+# tools/triton_aot_check.py sets this to compile what the launcher would launch on that GPU.
+TARGET_OVERRIDE: Optional[GpuTarget] = None
+
+_TARGETS: dict = {}
 
 
-def choose_num_splits(bh: int, C: int, block_n: int, device: torch.device) -> int:
-    """Splits of the slot axis for decode: enough programs to fill the GPU (about two waves
-    of ``B * Hkv * splits`` programs), but at least two key blocks per split."""
+def gpu_target(device: torch.device) -> GpuTarget:
+    """The launch heuristics' view of ``device`` (cached per device; ``TARGET_OVERRIDE`` first)."""
+    if TARGET_OVERRIDE is not None:
+        return TARGET_OVERRIDE
     if device.type != "cuda" or _interpreting():
-        target = 4
-    else:
-        target = 2 * _sm_count(device)
-    ns = triton.cdiv(target, max(1, bh))
+        return _CPU_TARGET
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    t = _TARGETS.get(idx)
+    if t is None:
+        p = torch.cuda.get_device_properties(idx)
+        arch = p.major * 10 + p.minor
+        known = KNOWN_TARGETS.get(arch)
+        smem_block = getattr(p, "shared_memory_per_block_optin", 0) or (known.smem_block if known else 48 * 1024)
+        smem_sm = getattr(p, "shared_memory_per_multiprocessor", 0) or (known.smem_sm if known else smem_block)
+        t = GpuTarget(p.name, arch, p.multi_processor_count, int(smem_block), int(smem_sm),
+                      int(getattr(p, "max_threads_per_multi_processor", 0) or (known.threads_sm if known else 1536)),
+                      known.blocks_sm if known else 16, int(getattr(p, "regs_per_multiprocessor", 0) or 65536))
+        _TARGETS[idx] = t
+    return t
+
+
+def choose_num_splits(bh: int, C: int, block_n: int, target) -> int:
+    """Splits of the slot axis for decode: enough programs to fill the GPU (about two waves
+    of ``B * Hkv * splits`` programs over ``target.sms``), but at least two key blocks per split.
+    ``target``: a :class:`GpuTarget` (or a device)."""
+    if not isinstance(target, GpuTarget):
+        target = gpu_target(torch.device(target))
+    ns = triton.cdiv(2 * target.sms, max(1, bh))
     ns = min(ns, max(1, triton.cdiv(C, 2 * block_n)), 64)
     return max(1, ns)
 
@@ -248,6 +290,18 @@ def _key_logits(q1, q2, k_base, j, jmask, j0, d, h, f, co, so, COS, SIN, FREQ, P
 
 
 @triton.jit
+def _top_rows(x, ROWS: tl.constexpr, TOP: tl.constexpr, COLS: tl.constexpr):
+    """The first ``TOP`` rows of ``x [ROWS, COLS]`` (``TOP`` divides ``ROWS``): the decode tiles
+    are padded to 16 rows for ``tl.dot``; the workspaces hold the valid rows only."""
+    if TOP == ROWS:
+        return x
+    else:
+        x3 = tl.reshape(x, [ROWS // TOP, TOP, COLS])
+        first = tl.arange(0, ROWS // TOP)[:, None, None] == 0
+        return tl.sum(tl.where(first, x3, 0.0), 0)
+
+
+@triton.jit
 def _window_bias(j, L, nw, bias, BIAS_REL: tl.constexpr):
     """The bias summed over the ``nw`` window queries (slots ``L - nw .. L - 1``) that see slot
     ``j``, as float32 ``[BLOCK_N]``: ``absolute`` ``bias * j * count_j`` with ``count_j =
@@ -293,7 +347,7 @@ def _decode_stage1(
     M_WS, L_WS, ACC_WS, S_WS,
     scale, Hkv, C, n, NS, R, nw, pos_plane,
     HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SR: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_RR: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SR: tl.constexpr,
     ROPE: tl.constexpr, NSEC: tl.constexpr, RB: tl.constexpr,
     SCORE: tl.constexpr, ALL_ROWS_SCORE: tl.constexpr, LOWP: tl.constexpr, DT: tl.constexpr,
 ):
@@ -347,10 +401,8 @@ def _decode_stage1(
                 # every query row scores (n == nw): store only the first BLOCK_SR >= R rows of the
                 # tile, so that no padding row is even a masked store
                 sr = tl.arange(0, BLOCK_SR)
-                s3 = tl.reshape(s, [BLOCK_R // BLOCK_SR, BLOCK_SR, BLOCK_N])
-                first = tl.arange(0, BLOCK_R // BLOCK_SR)[:, None, None] == 0
-                s_top = tl.sum(tl.where(first, s3, 0.0), 0)
-                tl.store(s_base + sr[:, None] * C + j[None, :], s_top, mask=(sr < R)[:, None] & jmask[None, :])
+                tl.store(s_base + sr[:, None] * C + j[None, :], _top_rows(s, BLOCK_R, BLOCK_SR, BLOCK_N),
+                         mask=(sr < R)[:, None] & jmask[None, :])
             else:
                 tl.store(s_base + srow[:, None] * C + j[None, :], s,
                          mask=score_row[:, None] & jmask[None, :])
@@ -361,17 +413,19 @@ def _decode_stage1(
         acc = acc * alpha[:, None] + _pv(p, v.to(tl.float32), LOWP, DT)
         m_i = m_new
 
-    ws = (pid_bh * NS + sid).to(tl.int64) * BLOCK_R
-    tl.store(M_WS + ws + r, m_i)
-    tl.store(L_WS + ws + r, l_i)
-    tl.store(ACC_WS + ws * BLOCK_D + r[:, None] * BLOCK_D + d[None, :], acc)
+    # the workspace holds the first BLOCK_RR >= R rows only (the tile has BLOCK_R >= 16 for tl.dot)
+    ws = (pid_bh * NS + sid).to(tl.int64) * BLOCK_RR
+    rr = tl.arange(0, BLOCK_RR)
+    tl.store(M_WS + ws + rr, tl.reshape(_top_rows(m_i[:, None], BLOCK_R, BLOCK_RR, 1), [BLOCK_RR]))
+    tl.store(L_WS + ws + rr, tl.reshape(_top_rows(l_i[:, None], BLOCK_R, BLOCK_RR, 1), [BLOCK_RR]))
+    tl.store(ACC_WS + ws * BLOCK_D + rr[:, None] * BLOCK_D + d[None, :], _top_rows(acc, BLOCK_R, BLOCK_RR, BLOCK_D))
 
 
 @triton.jit
 def _decode_reduce(
     O, LEN, SCORES, M_WS, L_WS, ACC_WS, S_WS,
     Hkv, C, n, NS, R, nw, G, bias, decay,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_SR: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_RR: tl.constexpr, BLOCK_SR: tl.constexpr,
     BLOCK_N: tl.constexpr, NS_P2: tl.constexpr, SCORE: tl.constexpr, BIAS_REL: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
@@ -379,22 +433,22 @@ def _decode_reduce(
     b = pid_bh // Hkv
     L = tl.load(LEN + b)
     sp = tl.arange(0, NS_P2)
-    ws0 = pid_bh.to(tl.int64) * NS * BLOCK_R
+    ws0 = pid_bh.to(tl.int64) * NS * BLOCK_RR
 
     if sid == 0:
-        r = tl.arange(0, BLOCK_R)
+        r = tl.arange(0, BLOCK_RR)
         d = tl.arange(0, BLOCK_D)
         rmask = r < R
-        stat = ws0 + sp[:, None] * BLOCK_R + r[None, :]
-        smask = (sp[:, None] < NS) & (r[None, :] < BLOCK_R)
-        m_s = tl.load(M_WS + stat, mask=smask, other=_NEG)  # [NS_P2, BLOCK_R]
+        stat = ws0 + sp[:, None] * BLOCK_RR + r[None, :]
+        smask = (sp[:, None] < NS) & (r[None, :] < BLOCK_RR)
+        m_s = tl.load(M_WS + stat, mask=smask, other=_NEG)  # [NS_P2, BLOCK_RR]
         l_s = tl.load(L_WS + stat, mask=smask, other=0.0)
-        m_g = tl.max(m_s, 0)  # [BLOCK_R]
+        m_g = tl.max(m_s, 0)  # [BLOCK_RR]
         l_g = tl.sum(l_s * tl.exp(m_s - m_g[None, :]), 0)
         l_safe = tl.where(l_g > 0, l_g, 1.0)
-        acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+        acc = tl.zeros([BLOCK_RR, BLOCK_D], tl.float32)
         for s in range(0, NS):
-            ws = ws0 + s * BLOCK_R
+            ws = ws0 + s * BLOCK_RR
             m_one = tl.load(M_WS + ws + r)
             a = tl.load(ACC_WS + ws * BLOCK_D + r[:, None] * BLOCK_D + d[None, :])
             acc += a * tl.exp(m_one - m_g)[:, None]
@@ -410,7 +464,7 @@ def _decode_reduce(
         iw = sr % nw
         rr = (sr // nw) * n + (n - nw) + iw
         t = L - nw + iw
-        stat = ws0 + sp[:, None] * BLOCK_R + rr[None, :]
+        stat = ws0 + sp[:, None] * BLOCK_RR + rr[None, :]
         smask = (sp[:, None] < NS) & srmask[None, :]
         m_s = tl.load(M_WS + stat, mask=smask, other=_NEG)  # [NS_P2, BLOCK_SR]
         l_s = tl.load(L_WS + stat, mask=smask, other=0.0)
@@ -533,9 +587,9 @@ def _prefill_scores(
             x1, x2 = _load_halves(K + kv_base, j * HEAD_DIM, jmask, h, HALF)
             if ROPE == 2:
                 f, co, so = _rope_offsets(FREQ, h, HALF, RB)
-                c, s = _rope_block(j0, f, co, so, BLOCK_N, BLOCK_H, RB)
-                k1 = x1 * c - x2 * s
-                k2 = x2 * c + x1 * s
+                cb, sb = _rope_block(j0, f, co, so, BLOCK_N, BLOCK_H, RB)
+                k1 = x1 * cb - x2 * sb
+                k2 = x2 * cb + x1 * sb
             else:
                 c1, s1, c2, s2 = _rope_rows(j, jmask, h, COS, SIN, FREQ, POS, SEC, pos_base, pos_plane,
                                             HEAD_DIM, HALF, ROPE, NSEC, RB)
@@ -673,23 +727,26 @@ def attention_with_scores_triton(
         ns = num_splits or choose_num_splits(B * Hkv, C, BLOCK_N, dev)
         num_warps = 8 if BLOCK_R >= 64 and BLOCK_D >= 128 else 4
         num_stages = 2 if has_rope and (not lowp or BLOCK_N * BLOCK_D >= 64 * 128) else 3
-        m_ws = _empty((B * Hkv, ns, BLOCK_R), torch.float32, dev)
-        l_ws = _empty((B * Hkv, ns, BLOCK_R), torch.float32, dev)
-        acc_ws = _empty((B * Hkv, ns, BLOCK_R, BLOCK_D), torch.float32, dev)
+        BLOCK_RR = _next_pow2(R)
+        m_ws = _empty((B * Hkv, ns, BLOCK_RR), torch.float32, dev)
+        l_ws = _empty((B * Hkv, ns, BLOCK_RR), torch.float32, dev)
+        acc_ws = _empty((B * Hkv, ns, BLOCK_RR, BLOCK_D), torch.float32, dev)
         s_ws = _empty((B * Hkv, G * nw, C), torch.float32, dev) if score else m_ws
+        # the reduce moves little: [BLOCK_SR, BLOCK_N] logits per trip, [BLOCK_RR, BLOCK_D] per split
+        reduce_warps = 2 if max(BLOCK_SR * BLOCK_N, BLOCK_RR * BLOCK_D) <= 2048 else 4
         grid = (B * Hkv, ns)
         _decode_stage1[grid](
             q, k, v, length, cos_t, sin_t, freq_t, pos_t, sec_t, m_ws, l_ws, acc_ws, s_ws,
             scale, Hkv, C, n, ns, R, nw, pos_plane,
-            HEAD_DIM=D, HALF=HALF, BLOCK_D=BLOCK_D, BLOCK_H=BLOCK_H, BLOCK_R=BLOCK_R, BLOCK_N=BLOCK_N,
-            BLOCK_SR=BLOCK_SR, **rope_kw, SCORE=score, ALL_ROWS_SCORE=score and nw == n, LOWP=lowp, DT=DT,
+            HEAD_DIM=D, HALF=HALF, BLOCK_D=BLOCK_D, BLOCK_H=BLOCK_H, BLOCK_R=BLOCK_R, BLOCK_RR=BLOCK_RR,
+            BLOCK_N=BLOCK_N, BLOCK_SR=BLOCK_SR, **rope_kw, SCORE=score, ALL_ROWS_SCORE=score and nw == n, LOWP=lowp, DT=DT,
             num_warps=num_warps, num_stages=num_stages,
         )
         _decode_reduce[grid](
             out, length, sc_t, m_ws, l_ws, acc_ws, s_ws,
             Hkv, C, n, ns, R, nw, G, bias, decay,
-            HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_R=BLOCK_R, BLOCK_SR=BLOCK_SR, BLOCK_N=BLOCK_N,
-            NS_P2=max(2, _next_pow2(ns)), SCORE=score, BIAS_REL=bias_rel and score, num_warps=num_warps,
+            HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_RR=BLOCK_RR, BLOCK_SR=BLOCK_SR, BLOCK_N=BLOCK_N,
+            NS_P2=max(2, _next_pow2(ns)), SCORE=score, BIAS_REL=bias_rel and score, num_warps=reduce_warps,
         )
         return out
 
