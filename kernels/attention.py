@@ -629,6 +629,80 @@ def _prefill_scores(
 # host wrapper
 # --------------------------------------------------------------------------------------
 
+# Tests and the compile check only: override the heuristics' picks, e.g. {"decode": {"num_stages": 2}}.
+_TUNE: dict = {}
+
+
+def _pick_stages(target: GpuTarget, s1: int, per_stage: int) -> int:
+    """The most pipeline stages (at most 3) whose shared-memory estimate ``s1 + (stages - 1) *
+    per_stage`` fits ``target``'s per-block limit. ``per_stage``: the global bytes one trip of the
+    pipelined loop copies to shared memory (each stage beyond the first buffers one trip);
+    ``s1``: an upper bound of the single-stage program (the dot operands' layout conversions).
+    Checked against the compiled kernels for sm_80/89/90 by tools/triton_aot_check.py (the
+    estimate is an upper bound there; bench/NOTES_triton.md has the measured sizes)."""
+    st = 3
+    while st > 1 and s1 + (st - 1) * per_stage > target.smem_block:
+        st -= 1
+    return st
+
+
+def _tile_bytes(rows: int, BLOCK_N: int, BLOCK_D: int, itemsize: int, lowp: bool, rope: int, nsec: int):
+    """``(s1, per_stage)`` of :func:`_pick_stages` for a loop over key blocks of ``BLOCK_N`` slots
+    (K and V, and the table fallback's float32 cos/sin tiles or the positions, per trip) by a
+    program of ``rows`` query rows."""
+    dsz = itemsize if lowp else 4  # the dots' operands
+    s1 = (rows + 2 * BLOCK_N) * BLOCK_D * dsz + 8192
+    per_stage = 2 * BLOCK_N * BLOCK_D * itemsize
+    if rope == ROPE_TABLE:
+        per_stage += 2 * BLOCK_N * BLOCK_D * 4
+    elif rope == ROPE_POS:
+        per_stage += nsec * BLOCK_N * 4
+    return s1, per_stage
+
+
+def _decode_config(target: GpuTarget, interp: bool, lowp: bool, itemsize: int, BLOCK_D: int, BLOCK_R: int,
+                   rope: int, nsec: int = 1):
+    """``(BLOCK_N, num_warps, num_stages)`` of the decode stage 1 on ``target``: key blocks of
+    ROPE_BLOCK = 64 slots (the frequency form needs a multiple of it; 32 for the other forms when
+    the query rows are many), 8 warps for 64 rows at D=128, the most stages that fit the target's
+    shared memory per block (sm_89: 99 KiB, sm_80: 163 KiB, sm_90: 227 KiB)."""
+    if interp:
+        cfg = dict(BLOCK_N=_INTERP_BLOCK_N, num_warps=4, num_stages=1)
+    else:
+        BLOCK_N = 64
+        if rope != ROPE_FREQ and BLOCK_R * BLOCK_D > 64 * 64:
+            BLOCK_N = 32  # many query rows: smaller key blocks keep the register tiles in bounds
+        num_warps = 8 if BLOCK_R >= 64 and BLOCK_D >= 128 else 4
+        num_stages = _pick_stages(target, *_tile_bytes(BLOCK_R, BLOCK_N, BLOCK_D, itemsize, lowp, rope, nsec))
+        cfg = dict(BLOCK_N=BLOCK_N, num_warps=num_warps, num_stages=num_stages)
+    cfg.update(_TUNE.get("decode", {}))
+    return cfg["BLOCK_N"], cfg["num_warps"], cfg["num_stages"]
+
+
+def _prefill_config(target: GpuTarget, interp: bool, lowp: bool, itemsize: int, BLOCK_D: int, n: int,
+                    score_rows: int, rope: int, nsec: int = 1):
+    """``(BLOCK_M, BLOCK_N, BLOCK_R, BLOCK_NS, num_warps, stages_fwd, stages_scores)`` of the
+    prefill kernels on ``target`` (the forward pipelines key blocks, the score pass blocks of
+    ``BLOCK_R`` window queries; stages as in :func:`_decode_config`)."""
+    if interp:
+        cfg = dict(BLOCK_M=max(16, min(128, _next_pow2(n))), BLOCK_N=_INTERP_BLOCK_N,
+                   BLOCK_R=max(16, min(128, _next_pow2(score_rows))), BLOCK_NS=_INTERP_BLOCK_N, num_warps=4,
+                   num_stages=1, scores_stages=1)
+    else:
+        BLOCK_M = 64 if n >= 64 else max(16, _next_pow2(n))
+        BLOCK_N = 64 if (BLOCK_D <= 64 or rope == ROPE_FREQ) else 32
+        BLOCK_R, BLOCK_NS = 32, 64
+        st = _pick_stages(target, *_tile_bytes(BLOCK_M, BLOCK_N, BLOCK_D, itemsize, lowp, rope, nsec))
+        # the score pass: the key block stays; the window queries' rows (and their cos/sin) stream
+        s1, _ = _tile_bytes(BLOCK_R, BLOCK_NS, BLOCK_D, itemsize, lowp, rope, nsec)
+        per_rows = BLOCK_R * BLOCK_D * itemsize + (2 * BLOCK_R * BLOCK_D * 4 if rope == ROPE_TABLE else 0)
+        cfg = dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R, BLOCK_NS=BLOCK_NS, num_warps=4,
+                   num_stages=st, scores_stages=_pick_stages(target, s1, per_rows))
+    cfg.update(_TUNE.get("prefill", {}))
+    return (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_R"], cfg["BLOCK_NS"], cfg["num_warps"], cfg["num_stages"],
+            cfg["scores_stages"])
+
+
 _TL_DT = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 
@@ -716,17 +790,10 @@ def attention_with_scores_triton(
         R = G * n
         BLOCK_R = max(16, _next_pow2(R))
         BLOCK_SR = _next_pow2(G * nw) if score else 1
-        if interp:
-            BLOCK_N = _INTERP_BLOCK_N
-        elif has_rope and not lowp and BLOCK_D >= 128:
-            BLOCK_N = 32  # fp32 RoPE: at 64 even two stages need 200 KiB of shared memory
-        else:
-            BLOCK_N = 64 if BLOCK_R * BLOCK_D <= 64 * 64 else 32
-        if rope == ROPE_FREQ:
-            BLOCK_N = max(BLOCK_N, ROPE_BLOCK)
-        ns = num_splits or choose_num_splits(B * Hkv, C, BLOCK_N, dev)
-        num_warps = 8 if BLOCK_R >= 64 and BLOCK_D >= 128 else 4
-        num_stages = 2 if has_rope and (not lowp or BLOCK_N * BLOCK_D >= 64 * 128) else 3
+        BLOCK_N, num_warps, num_stages = _decode_config(gpu_target(dev), interp, lowp, q.element_size(), BLOCK_D,
+                                                        BLOCK_R, rope, nsec)
+        assert rope != ROPE_FREQ or BLOCK_N % ROPE_BLOCK == 0
+        ns = num_splits or choose_num_splits(B * Hkv, C, BLOCK_N, gpu_target(dev))
         BLOCK_RR = _next_pow2(R)
         m_ws = _empty((B * Hkv, ns, BLOCK_RR), torch.float32, dev)
         l_ws = _empty((B * Hkv, ns, BLOCK_RR), torch.float32, dev)
@@ -752,21 +819,9 @@ def attention_with_scores_triton(
 
     if path != "prefill":
         raise ValueError(f"unknown path {path!r}")
-    if interp:
-        BLOCK_M = max(16, min(128, _next_pow2(n)))
-        BLOCK_N = _INTERP_BLOCK_N
-        BLOCK_R = max(16, min(128, _next_pow2(G * max(nw, 1))))
-        BLOCK_NS = _INTERP_BLOCK_N
-        num_warps = 4
-    else:
-        BLOCK_M = 64 if n >= 64 else max(16, _next_pow2(n))
-        BLOCK_N = 64 if BLOCK_D <= 64 else 32
-        BLOCK_R = 32
-        BLOCK_NS = 64
-        num_warps = 4
-    if rope == ROPE_FREQ:
-        BLOCK_N, BLOCK_NS = max(BLOCK_N, ROPE_BLOCK), max(BLOCK_NS, ROPE_BLOCK)
-    num_stages = 2 if has_rope and not lowp else 3
+    BLOCK_M, BLOCK_N, BLOCK_R, BLOCK_NS, num_warps, num_stages, scores_stages = _prefill_config(
+        gpu_target(dev), interp, lowp, q.element_size(), BLOCK_D, n, G * max(nw, 1), rope, nsec)
+    assert rope != ROPE_FREQ or (BLOCK_N % ROPE_BLOCK == 0 and BLOCK_NS % ROPE_BLOCK == 0)
     lse = _empty((B, Hq, n), torch.float32, dev) if score else out
     _prefill_fwd[(triton.cdiv(n, BLOCK_M), B * Hq)](
         q, k, v, out, lse, length, cos_t, sin_t, freq_t, pos_t, sec_t,
@@ -779,6 +834,6 @@ def attention_with_scores_triton(
             q, k, lse, length, cos_t, sin_t, freq_t, pos_t, sec_t, sc_t,
             scale, Hkv, G, C, n, nw, bias, decay, pos_plane,
             HEAD_DIM=D, HALF=HALF, BLOCK_D=BLOCK_D, BLOCK_H=BLOCK_H, BLOCK_R=BLOCK_R, BLOCK_N=BLOCK_NS,
-            **rope_kw, LOWP=lowp, DT=DT, BIAS_REL=bias_rel, num_warps=num_warps, num_stages=num_stages,
+            **rope_kw, LOWP=lowp, DT=DT, BIAS_REL=bias_rel, num_warps=num_warps, num_stages=scores_stages,
         )
     return out
