@@ -69,8 +69,11 @@ _INTERP_BLOCK_N = 128
 _NEG = tl.constexpr(-1.0e30)  # finite "minus infinity" for running maxima: empty splits stay NaN-free
 
 
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # as when triton.jit built the kernels below
+
+
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return _INTERPRET
 
 
 def _next_pow2(x: int) -> int:
@@ -137,8 +140,8 @@ def choose_num_splits(bh: int, C: int, block_n: int, target) -> int:
     ``target``: a :class:`GpuTarget` (or a device)."""
     if not isinstance(target, GpuTarget):
         target = gpu_target(torch.device(target))
-    ns = triton.cdiv(2 * target.sms, max(1, bh))
-    ns = min(ns, max(1, triton.cdiv(C, 2 * block_n)), 64)
+    ns = -(-2 * target.sms // max(1, bh))
+    ns = min(ns, max(1, -(-C // (2 * block_n))), 64)
     return max(1, ns)
 
 
@@ -713,6 +716,88 @@ def _empty(shape, dtype, device):
     return x
 
 
+class _Plan:
+    """Everything of a launch that depends on the shapes, dtypes, device and flags only: block
+    sizes, grids, constexprs, workspace shapes (computed once per key, see ``_plan``), and the
+    workspaces themselves, cached per stream (none while a CUDA graph is being captured)."""
+
+    __slots__ = ("path", "grid1", "kw1", "grid2", "kw2", "ws_shapes", "ws", "scale_rope")
+
+    def workspaces(self, dev):
+        if dev.type == "cuda":
+            if torch.cuda.is_current_stream_capturing():  # the graph's pool owns what it allocates
+                return tuple(_empty(sh, torch.float32, dev) for sh in self.ws_shapes)
+            where = torch.cuda.current_stream(dev).cuda_stream
+        else:
+            where = None
+        ws = self.ws.get(where)
+        if ws is None:
+            ws = self.ws[where] = tuple(_empty(sh, torch.float32, dev) for sh in self.ws_shapes)
+        elif POISON:
+            for t in ws:
+                t.fill_(float("nan"))
+        return ws
+
+
+_PLANS: dict = {}
+_MAX_PLANS = 64
+
+
+def _plan(key, q, k, score, nw, rope, nsec, bias_rel, path, num_splits) -> _Plan:
+    B, Hq, n, D = q.shape
+    Hkv, C = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    dev = q.device
+    target = gpu_target(dev)
+    interp = _interpreting()
+    lowp = (q.dtype != torch.float32) and (not interp or _FORCE_LOWP)
+    BLOCK_D = max(16, _next_pow2(D))
+    HALF = D // 2
+    common = dict(HEAD_DIM=D, HALF=HALF, BLOCK_D=BLOCK_D, BLOCK_H=max(16, _next_pow2(HALF)),
+                  ROPE=rope, NSEC=nsec, RB=ROPE_BLOCK, LOWP=lowp, DT=_TL_DT[q.dtype])
+    pl = _Plan()
+    pl.ws = {}
+    pl.scale_rope = rope in (ROPE_FREQ, ROPE_POS)  # cos/sin times rope_scale on q and on k
+    pl.path = path or ("decode" if G * n <= DECODE_MAX_ROWS else "prefill")
+    if pl.path == "decode":
+        R = G * n
+        BLOCK_R = max(16, _next_pow2(R))
+        BLOCK_RR = _next_pow2(R)
+        BLOCK_SR = _next_pow2(G * nw) if score else 1
+        BLOCK_N, num_warps, num_stages = _decode_config(target, interp, lowp, q.element_size(), BLOCK_D, BLOCK_R,
+                                                        rope, nsec)
+        assert rope != ROPE_FREQ or BLOCK_N % ROPE_BLOCK == 0
+        ns = num_splits or choose_num_splits(B * Hkv, C, BLOCK_N, target)
+        # the reduce moves little: [BLOCK_SR, BLOCK_N] logits per trip, [BLOCK_RR, BLOCK_D] per split
+        reduce_warps = 2 if max(BLOCK_SR * BLOCK_N, BLOCK_RR * BLOCK_D) <= 2048 else 4
+        pl.ws_shapes = ((B * Hkv, ns, BLOCK_RR), (B * Hkv, ns, BLOCK_RR), (B * Hkv, ns, BLOCK_RR, BLOCK_D)) + (
+            ((B * Hkv, G * nw, C),) if score else ())
+        pl.grid1 = pl.grid2 = (B * Hkv, ns)
+        pl.kw1 = dict(Hkv=Hkv, C=C, n=n, NS=ns, R=R, nw=nw, pos_plane=B * Hkv * C, **common,
+                      BLOCK_R=BLOCK_R, BLOCK_RR=BLOCK_RR, BLOCK_N=BLOCK_N, BLOCK_SR=BLOCK_SR, SCORE=score,
+                      ALL_ROWS_SCORE=score and nw == n, num_warps=num_warps, num_stages=num_stages)
+        pl.kw2 = dict(Hkv=Hkv, C=C, n=n, NS=ns, R=R, nw=nw, G=G, HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_RR=BLOCK_RR,
+                      BLOCK_SR=BLOCK_SR, BLOCK_N=BLOCK_N, NS_P2=max(2, _next_pow2(ns)), SCORE=score,
+                      BIAS_REL=bias_rel and score, num_warps=reduce_warps)
+    elif pl.path == "prefill":
+        BLOCK_M, BLOCK_N, BLOCK_R, BLOCK_NS, num_warps, num_stages, scores_stages = _prefill_config(
+            target, interp, lowp, q.element_size(), BLOCK_D, n, G * max(nw, 1), rope, nsec)
+        assert rope != ROPE_FREQ or (BLOCK_N % ROPE_BLOCK == 0 and BLOCK_NS % ROPE_BLOCK == 0)
+        pl.ws_shapes = ((B, Hq, n),) if score else ()
+        pl.grid1 = (triton.cdiv(n, BLOCK_M), B * Hq)
+        pl.grid2 = (B * Hkv, triton.cdiv(C, BLOCK_NS))
+        pl.kw1 = dict(Hq=Hq, G=G, C=C, n=n, pos_plane=B * Hkv * C, **common, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+                      WRITE_LSE=score, num_warps=num_warps, num_stages=num_stages)
+        pl.kw2 = dict(Hkv=Hkv, G=G, C=C, n=n, nw=nw, pos_plane=B * Hkv * C, **common, BLOCK_R=BLOCK_R,
+                      BLOCK_N=BLOCK_NS, BIAS_REL=bias_rel, num_warps=num_warps, num_stages=scores_stages)
+    else:
+        raise ValueError(f"unknown path {path!r}")
+    if len(_PLANS) >= _MAX_PLANS:
+        _PLANS.clear()
+    _PLANS[key] = pl
+    return pl
+
+
 def attention_with_scores_triton(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -742,16 +827,12 @@ def attention_with_scores_triton(
     Hkv, C]`` int32 and ``rope_sections [D/2]`` int32, at each slot's stored positions.
 
     ``path`` (``"decode"``/``"prefill"``) and ``num_splits`` override the heuristics (tests,
-    benchmarks). ``length`` is never read on the host.
+    benchmarks). ``length`` is never read on the host. What depends on shapes and flags only is
+    planned once per key (``_plan``); a call allocates its output and, the first time per
+    stream, the workspaces.
     """
-    B, Hq, n, D = q.shape
-    Hkv, C = k.shape[1], k.shape[2]
-    G = Hq // Hkv
-    dev = q.device
-    interp = _interpreting()
-    lowp = (q.dtype != torch.float32) and (not interp or _FORCE_LOWP)
-    DT = _TL_DT[q.dtype]
     score = scores is not None and window > 0
+    n = q.shape[2]
     nw = min(window, n) if score else 0
     if cos is not None:
         rope, nsec = ROPE_TABLE, 1
@@ -760,80 +841,36 @@ def attention_with_scores_triton(
     elif rope_pos is None:
         rope, nsec = ROPE_FREQ, 1
     else:
-        rope, nsec = ROPE_POS, int(rope_pos.shape[0])
-    if rope in (ROPE_FREQ, ROPE_POS):
-        scale = float(scale) * float(rope_scale) ** 2  # cos/sin times rope_scale on q and on k
-    cos_t = cos if cos is not None else q
-    sin_t = sin if sin is not None else q
-    freq_t = inv_freq if inv_freq is not None else q
-    pos_t = rope_pos if rope_pos is not None else length
-    sec_t = rope_sections if rope_sections is not None else length
-    pos_plane = B * Hkv * C
-    sc_t = scores if score else q
-    BLOCK_D = max(16, _next_pow2(D))
-    HALF = D // 2
-    BLOCK_H = max(16, _next_pow2(HALF))
-    has_rope = rope != ROPE_NONE
-    scale = float(scale)
-    bias = float(bias)
-    decay = float(decay)
-    if bias_mode not in ("absolute", "relative"):
+        rope, nsec = ROPE_POS, rope_pos.shape[0]
+    if bias_mode != "absolute" and bias_mode != "relative":
         raise ValueError(f"unknown bias_mode {bias_mode!r}")
-    bias_rel = bias_mode == "relative"
+    key = (q.shape, k.shape, q.dtype, q.device, score, nw, rope, nsec, bias_mode, path, num_splits,
+           TARGET_OVERRIDE, _FORCE_LOWP, _INTERP_BLOCK_N, repr(_TUNE) if _TUNE else None)
+    pl = _PLANS.get(key)
+    if pl is None:
+        pl = _plan(key, q, k, score, nw, rope, nsec, bias_mode == "relative", path, num_splits)
+    dev = q.device
+    scale, bias, decay = float(scale), float(bias), float(decay)  # fp32 arguments, never ints to specialise
+    if pl.scale_rope:
+        scale = scale * rope_scale * rope_scale
     out = _empty(q.shape, q.dtype, dev)
-    rope_kw = dict(ROPE=rope, NSEC=nsec, RB=ROPE_BLOCK)
-
-    if path is None:
-        path = "decode" if G * n <= DECODE_MAX_ROWS else "prefill"
-
-    if path == "decode":
-        R = G * n
-        BLOCK_R = max(16, _next_pow2(R))
-        BLOCK_SR = _next_pow2(G * nw) if score else 1
-        BLOCK_N, num_warps, num_stages = _decode_config(gpu_target(dev), interp, lowp, q.element_size(), BLOCK_D,
-                                                        BLOCK_R, rope, nsec)
-        assert rope != ROPE_FREQ or BLOCK_N % ROPE_BLOCK == 0
-        ns = num_splits or choose_num_splits(B * Hkv, C, BLOCK_N, gpu_target(dev))
-        BLOCK_RR = _next_pow2(R)
-        m_ws = _empty((B * Hkv, ns, BLOCK_RR), torch.float32, dev)
-        l_ws = _empty((B * Hkv, ns, BLOCK_RR), torch.float32, dev)
-        acc_ws = _empty((B * Hkv, ns, BLOCK_RR, BLOCK_D), torch.float32, dev)
-        s_ws = _empty((B * Hkv, G * nw, C), torch.float32, dev) if score else m_ws
-        # the reduce moves little: [BLOCK_SR, BLOCK_N] logits per trip, [BLOCK_RR, BLOCK_D] per split
-        reduce_warps = 2 if max(BLOCK_SR * BLOCK_N, BLOCK_RR * BLOCK_D) <= 2048 else 4
-        grid = (B * Hkv, ns)
-        _decode_stage1[grid](
-            q, k, v, length, cos_t, sin_t, freq_t, pos_t, sec_t, m_ws, l_ws, acc_ws, s_ws,
-            scale, Hkv, C, n, ns, R, nw, pos_plane,
-            HEAD_DIM=D, HALF=HALF, BLOCK_D=BLOCK_D, BLOCK_H=BLOCK_H, BLOCK_R=BLOCK_R, BLOCK_RR=BLOCK_RR,
-            BLOCK_N=BLOCK_N, BLOCK_SR=BLOCK_SR, **rope_kw, SCORE=score, ALL_ROWS_SCORE=score and nw == n, LOWP=lowp, DT=DT,
-            num_warps=num_warps, num_stages=num_stages,
-        )
-        _decode_reduce[grid](
-            out, length, sc_t, m_ws, l_ws, acc_ws, s_ws,
-            Hkv, C, n, ns, R, nw, G, bias, decay,
-            HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_RR=BLOCK_RR, BLOCK_SR=BLOCK_SR, BLOCK_N=BLOCK_N,
-            NS_P2=max(2, _next_pow2(ns)), SCORE=score, BIAS_REL=bias_rel and score, num_warps=reduce_warps,
-        )
+    ws = pl.workspaces(dev)
+    cos_t = q if cos is None else cos
+    sin_t = q if sin is None else sin
+    freq_t = q if inv_freq is None else inv_freq
+    pos_t = length if rope_pos is None else rope_pos
+    sec_t = length if rope_sections is None else rope_sections
+    sc_t = scores if score else q
+    if pl.path == "decode":
+        m_ws, l_ws, acc_ws = ws[0], ws[1], ws[2]
+        s_ws = ws[3] if score else m_ws
+        _decode_stage1[pl.grid1](q, k, v, length, cos_t, sin_t, freq_t, pos_t, sec_t, m_ws, l_ws, acc_ws, s_ws,
+                                 scale, **pl.kw1)
+        _decode_reduce[pl.grid2](out, length, sc_t, m_ws, l_ws, acc_ws, s_ws, bias=bias, decay=decay, **pl.kw2)
         return out
-
-    if path != "prefill":
-        raise ValueError(f"unknown path {path!r}")
-    BLOCK_M, BLOCK_N, BLOCK_R, BLOCK_NS, num_warps, num_stages, scores_stages = _prefill_config(
-        gpu_target(dev), interp, lowp, q.element_size(), BLOCK_D, n, G * max(nw, 1), rope, nsec)
-    assert rope != ROPE_FREQ or (BLOCK_N % ROPE_BLOCK == 0 and BLOCK_NS % ROPE_BLOCK == 0)
-    lse = _empty((B, Hq, n), torch.float32, dev) if score else out
-    _prefill_fwd[(triton.cdiv(n, BLOCK_M), B * Hq)](
-        q, k, v, out, lse, length, cos_t, sin_t, freq_t, pos_t, sec_t,
-        scale, Hq, G, C, n, pos_plane,
-        HEAD_DIM=D, HALF=HALF, BLOCK_D=BLOCK_D, BLOCK_H=BLOCK_H, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-        **rope_kw, WRITE_LSE=score, LOWP=lowp, DT=DT, num_warps=num_warps, num_stages=num_stages,
-    )
+    lse = ws[0] if score else out
+    _prefill_fwd[pl.grid1](q, k, v, out, lse, length, cos_t, sin_t, freq_t, pos_t, sec_t, scale, **pl.kw1)
     if score:
-        _prefill_scores[(B * Hkv, triton.cdiv(C, BLOCK_NS))](
-            q, k, lse, length, cos_t, sin_t, freq_t, pos_t, sec_t, sc_t,
-            scale, Hkv, G, C, n, nw, bias, decay, pos_plane,
-            HEAD_DIM=D, HALF=HALF, BLOCK_D=BLOCK_D, BLOCK_H=BLOCK_H, BLOCK_R=BLOCK_R, BLOCK_N=BLOCK_NS,
-            **rope_kw, LOWP=lowp, DT=DT, BIAS_REL=bias_rel, num_warps=num_warps, num_stages=scores_stages,
-        )
+        _prefill_scores[pl.grid2](q, k, lse, length, cos_t, sin_t, freq_t, pos_t, sec_t, sc_t, scale, bias=bias,
+                                  decay=decay, **pl.kw2)
     return out

@@ -184,3 +184,41 @@ def test_frequency_form_needs_no_table(kat, monkeypatch):
     monkeypatch.setattr(type(kat._decode_stage1), "run", record)  # JITFunction, or the interpreter's
     kat.attention_with_scores_triton(q, k, v, length, sc, 0.125, 8, 0.0, None, None, inv_freq=inv)
     assert seen and not any(t.dim() == 2 and t.shape == (C, D) for t in seen)
+
+
+def test_launcher_plans_once_and_reuses_its_workspaces(kat):
+    """Host cost: the launch configuration is computed once per shape key and the workspaces are
+    allocated once (per stream); results stay exact call after call with new values."""
+    B, Hkv, G, D, n, C = 2, 2, 4, 64, 1, 160
+    inv = _inv_freq(D)
+    kat._PLANS.clear()
+    seen = []
+    for seed in (0, 1):
+        q, k, v, length, sc, _, _ = make_inputs(B, Hkv, G, D, n, C, [160, 90], f32, seed=seed)
+        ref_sc = sc.double().clone()
+        cb, sb = rope_cos_sin_blocked(C, inv)
+        ref = attention_with_scores_ref(q.double(), k.double(), v.double(), length, ref_sc, scale=D ** -0.5, window=8,
+                                        bias=1e-3, cos=cb.double(), sin=sb.double())
+        out = kat.attention_with_scores_triton(q, k, v, length, sc, D ** -0.5, 8, 1e-3, None, None, inv_freq=inv)
+        torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(sc.double(), ref_sc, rtol=1e-4, atol=1e-5)
+        (plan,) = kat._PLANS.values()
+        seen.append([t.data_ptr() for t in plan.workspaces(q.device)])
+    assert len(kat._PLANS) == 1 and seen[0] == seen[1]
+
+
+@pytest.mark.gpu
+def test_launcher_workspaces_are_per_stream(kat, gpu_device):
+    B, Hkv, G, D, n, C = 2, 2, 4, 64, 1, 256
+    q, k, v, length, sc, _, _ = make_inputs(B, Hkv, G, D, n, C, [256, 100], torch.bfloat16, device=gpu_device)
+    inv = _inv_freq(D).to(gpu_device)
+    kat._PLANS.clear()
+    outs = []
+    for stream in (torch.cuda.current_stream(), torch.cuda.Stream()):
+        with torch.cuda.stream(stream):
+            outs.append(kat.attention_with_scores_triton(q, k, v, length, sc.clone(), D ** -0.5, 8, 0.0, None, None,
+                                                         inv_freq=inv))
+        torch.cuda.synchronize()
+    (plan,) = kat._PLANS.values()
+    assert len(plan.ws) == 2
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
