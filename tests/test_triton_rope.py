@@ -143,6 +143,17 @@ def test_rope_kernels_match_reference(kat, mode, case):
     _run(kat, mode, **case)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode, case", CASES + [
+    _c("freq", 4, 128, 1, bf16, C=4096, lens=[4096, 1000], B=2),
+    _c("pos", 8, 128, 1, bf16, C=2048, lens=[2048, 77], B=2),
+    _c("freq", 4, 128, 256, bf16, C=1024, lens=[1024, 300], window=32),
+])
+def test_rope_kernels_gpu(kat, gpu_device, mode, case):
+    """The same cases compiled for the GPU (bf16/fp16 dots on tensor cores), and longer buffers."""
+    _run(kat, mode, device=gpu_device, **case)
+
+
 @pytest.mark.parametrize("mode, case", [
     _c("freq", 4, 64, 1, f16, num_splits=2, lens=[160, 129]),
     _c("freq", 3, 64, 40, f16, C=128, lens=[128, 41], path="prefill"),
