@@ -104,8 +104,10 @@ KNOWN_TARGETS = {
     90: GpuTarget("H200 (sm_90)", 90, 132, 227 * 1024, 228 * 1024),
 }
 
-#: The interpreter's (and the CPU's) stand-in: the heuristics' inputs of a small GPU.
-_CPU_TARGET = GpuTarget("cpu (interpreter)", 0, 2, 1 << 30, 1 << 30)
+#: Without a GPU (the interpreter; a launch captured on CPU tensors without TARGET_OVERRIDE): a
+#: small GPU with the smallest shared memory of the known targets (sm_89's), so that what is
+#: planned there fits every known GPU.
+_CPU_TARGET = GpuTarget("cpu (no GPU)", 0, 2, 99 * 1024, 100 * 1024, threads_sm=1536, blocks_sm=24)
 
 # tools/triton_aot_check.py sets this to compile what the launcher would launch on that GPU.
 TARGET_OVERRIDE: Optional[GpuTarget] = None
