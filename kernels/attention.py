@@ -29,9 +29,23 @@ Bias (``_window_bias``), summed over the window queries at slots ``t`` that see 
 per key block (no read of K). ``decay`` multiplies the old scores in the same store, so it
 costs no launch; with ``decay == 1`` the update is the plain ``+=``.
 
-RoPE (rolling positions) is applied on load: ``x * cos[t] + rotate_half(x) * sin[t]`` with
-``rotate_half(x)[d] = -x[d + D/2]`` for ``d < D/2`` and ``x[d - D/2]`` otherwise, i.e. a
-second load of the same row at the partner column. Logits, softmax statistics,
+RoPE is applied on load, ``x * cos[t] + rotate_half(x) * sin[t]`` (``rotate_half(x) = cat(-x2,
+x1)``): every row (query or key) is loaded once as its two halves ``x1 = x[:D/2]``, ``x2 =
+x[D/2:]``, both rotated from that load (``r1 = x1 c1 - x2 s1``, ``r2 = x2 c2 + x1 s2``), and the
+logits are two dots ``q1 . r1 + q2 . r2``. The cos/sin come in one of three forms (constexpr
+``ROPE``): from the frequencies ``inv_freq`` at the slot (``ROPE_FREQ``, the cache's form), by
+angle addition inside key blocks of ``ROPE_BLOCK`` = 64 slots exactly as
+``reference.rope_cos_sin_blocked`` defines it -- the block start's cos/sin once per block for the
+``D/2`` frequencies, the in-block offsets' ``[64, D/2]`` once per program, no table and no sin/cos
+per key --, ``rope_scale`` folded into the softmax scale; from the frequencies at each slot's
+stored multimodal positions (``ROPE_POS``: ``angle_i = rope_pos[sections[i], b, h, slot] *
+inv_freq[i]``, a sin/cos per key and frequency, four bytes per section and slot loaded); or from
+``cos, sin`` tables by slot (``ROPE_TABLE``, the fallback: both halves of both tables loaded per
+key). The decode workspaces hold the valid query rows only (``next_pow2(G * n)``, not the 16-row
+tile that ``tl.dot`` needs). Launch parameters per GPU (``KNOWN_TARGETS``, ``gpu_target``): key
+blocks, warps and the most pipeline stages whose shared memory fits the target (sm_89: 99 KiB per
+block); the split count from its SM count; ``tools/triton_aot_check.py`` compiles what this
+launches for sm_80/89/90. Logits, softmax statistics,
 accumulators and scores are float32. On the GPU the two matmuls take their operands in
 the input dtype (fp16/bf16 tensor cores; fp32 inputs in IEEE fp32, no TF32) with float32
 accumulation; under ``TRITON_INTERPRET=1`` they run in float32 throughout (the
