@@ -68,7 +68,10 @@ def time_fn(fn: Callable[[], object], device: torch.device, warmup: int = 10, re
 
 
 def _inv_freq(D: int, device) -> torch.Tensor:
-    return 1.0 / (10000.0 ** (torch.arange(0, D, 2, dtype=torch.float32, device=device) / D))
+    # a normal tensor even under inference mode, as the cache's snapshot of the rotary frequencies is
+    # (the CPU path keeps one table per frequency tensor, keyed by its version counter)
+    with torch.inference_mode(False):
+        return 1.0 / (10000.0 ** (torch.arange(0, D, 2, dtype=torch.float32, device=device) / D))
 
 
 def _rope(C: int, D: int, device) -> tuple:
