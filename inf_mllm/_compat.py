@@ -140,8 +140,9 @@ def _submodule(model, name: str):
 
 
 def language_model(model):
-    """The decoder (text) model inside a VLM (``model.model.language_model`` in transformers 5), or ``None``."""
-    return _submodule(model, "language_model")
+    """The decoder (text) model inside a VLM (``model.model.language_model`` in transformers 5;
+    ``model.model.text_model`` in Idefics3 / SmolVLM), or ``None``."""
+    return _submodule(model, "language_model") or _submodule(model, "text_model")
 
 
 def vision_tower(model):
@@ -211,6 +212,8 @@ def video_features(model, pixel_values_videos: torch.Tensor, **kwargs) -> Option
     return torch.cat([f.reshape(-1, f.shape[-1]) for f in feats], 0)
 
 
+#: the M-RoPE families whose 3-D positions the cache computes (tests/test_mrope.py)
+MROPE_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 _MROPE_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen2_5_omni", "glm4v")
 
 
@@ -276,15 +279,19 @@ def unsupported_reason(model, rolling: bool) -> Optional[str]:
         return f"{name} is an encoder-decoder model; inf_mllm supports decoder-only models"
     rp0 = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
     mtypes = {getattr(model.config, "model_type", None), getattr(cfg, "model_type", None)}
-    if (isinstance(rp0, dict) and rp0.get("mrope_section") is not None) or any(
+    from .mrope import is_mrope_model
+
+    mrope = is_mrope_model(model)
+    if mrope and not mtypes & set(MROPE_FAMILIES):
+        return (f"{name}: multimodal rotary positions are supported for {', '.join(MROPE_FAMILIES)} (each tested for "
+                "exactness); this family is not one of them")
+    if not mrope and ((isinstance(rp0, dict) and rp0.get("mrope_section") is not None) or any(
         str(t).startswith(_MROPE_TYPES) for t in mtypes if t
-    ):
+    )):
         return (
-            f"{name} uses multimodal rotary positions (mrope: 3-D temporal/height/width position ids, as in "
-            "Qwen2-VL / Qwen2.5-VL). They cannot be kept exact under eviction: rolling positions re-index every kept "
-            "token by its slot, which has no 3-D equivalent, and original positions need the model's get_rope_index "
-            "over the whole multimodal prompt, which a stream fed chunk by chunk never has. Use a LLaVA-family model "
-            "(1-D RoPE language side) instead"
+            f"{name} uses multimodal rotary positions (mrope) but has no model.model.get_rope_index and "
+            "model.model.language_model (the layout of Qwen2-VL, Qwen2.5-VL and Qwen3-VL, which inf_mllm supports): "
+            "the cache cannot compute its 3-D positions with the model's own rule"
         )
     layer_types = getattr(cfg, "layer_types", None)
     if layer_types is not None:
@@ -318,9 +325,40 @@ def unsupported_reason(model, rolling: bool) -> Optional[str]:
         )
     rp = getattr(cfg, "rope_parameters", None) or {}
     if isinstance(rp, dict) and rolling:
-        if rp.get("mrope_section") is not None:
+        if rp.get("mrope_section") is not None and not mrope:
             return f"{name} uses multi-section RoPE (mrope), not supported with rolling positions"
         prf = rp.get("partial_rotary_factor", getattr(cfg, "partial_rotary_factor", 1.0))
         if prf not in (None, 1, 1.0):
             return f"{name} uses partial rotary embeddings (partial_rotary_factor={prf}), not supported with rolling positions"
     return None
+
+
+class _Captured(Exception):
+    pass
+
+
+@torch.no_grad()
+def language_model_inputs(model, **inputs) -> dict:
+    """What a VLM's own forward hands its language model for ``inputs`` (a processor's output):
+    ``inputs_embeds`` with the vision features merged in, and (Qwen3-VL) ``visual_pos_masks`` /
+    ``deepstack_visual_embeds``. The model's forward runs up to the language model's call, without a
+    cache, and stops there (nothing of the language model runs)."""
+    lm = language_model(model)
+    if lm is None:
+        raise ValueError(f"inf_mllm: {type(model).__name__} has no language model to feed")
+    got = {}
+
+    def grab(module, args, kwargs):
+        got.update(kwargs)
+        raise _Captured
+
+    h = lm.register_forward_pre_hook(grab, with_kwargs=True, prepend=True)
+    try:
+        model.model(**inputs, use_cache=False)
+    except _Captured:
+        pass
+    finally:
+        h.remove()
+    if "inputs_embeds" not in got:
+        raise RuntimeError(f"inf_mllm: {type(model).__name__}'s forward did not call its language model")
+    return {k: got[k] for k in ("inputs_embeds", "visual_pos_masks", "deepstack_visual_embeds") if got.get(k) is not None}

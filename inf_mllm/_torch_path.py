@@ -74,13 +74,11 @@ def freq_table(inv_freq: torch.Tensor, scale: float, C: int, dtype: torch.dtype 
     """cos/sin ``[>=C, D]`` (``dtype``: float32, or float64 for float64 inputs) for slots ``0..C-1``
     from the frequencies (the CPU form of RoPE from ``inv_freq``: one table by slot, built from the
     same definition and kept per frequency tensor, so a decode step builds nothing). Rebuilt when
-    ``inv_freq`` is modified in place. An inference tensor has no version counter to tell that:
-    its table is built per call, never kept."""
-    if inv_freq.is_inference():
-        pos = torch.arange(C, device=inv_freq.device)
-        cos, sin = rope_cos_sin(pos, inv_freq, float(scale), dtype=dtype)
-        return cos.contiguous(), sin.contiguous()
-    key = (inv_freq._version, float(scale), dtype)
+    ``inv_freq`` is modified in place."""
+    # an inference tensor (made under torch.inference_mode) keeps no version counter: it is a
+    # snapshot no one rewrites outside that mode, so its table is keyed without one
+    version = -1 if inv_freq.is_inference() else inv_freq._version
+    key = (version, float(scale), dtype)
     memo = _FREQ_TABLES.get(id(inv_freq))
     if memo is not None and memo[0]() is not inv_freq:  # a dead tensor's id, reused
         memo = None

@@ -52,16 +52,27 @@ class KVBuffers:
     ZEROED = ("scores",)
 
     def __init__(self, batch: int, heads: int, capacity: int, head_dim: int, dtype: torch.dtype, device,
-                 state: Any = None, owner: Any = None):
+                 state: Any = None, owner: Any = None, mrope: bool = False):
         if capacity < 1:
             raise ValueError(f"inf_mllm: buffer capacity must be >= 1, got {capacity}")
         self.owner = owner
+        #: multimodal rotary positions (inf_mllm.mrope): per slot the 3-D positions and the unit
+        #: metadata, per (row, KV head) the shift of new tokens; registered like the rest
+        self.mrope = bool(mrope)
+        self.rolling = False  # (M-RoPE) lay kept units out again after each eviction: set by the cache
+        if self.mrope:
+            from .mrope import MROPE_SLOTS
+
+            self.SLOT_TENSORS = KVBuffers.SLOT_TENSORS + MROPE_SLOTS
+            self.ROW_TENSORS = KVBuffers.ROW_TENSORS + ("mshift",)
         self.dtype = dtype
         self.device = torch.device(device)
         self._alloc(batch, heads, capacity, head_dim)
         self.length = torch.zeros(batch, dtype=torch.int32, device=self.device)
         self.lengths: List[int] = [0] * batch
         self.fed = torch.zeros(batch, dtype=torch.long, device=self.device)
+        if self.mrope:
+            self.mshift = torch.zeros(batch, heads, dtype=torch.int32, device=self.device)
         self.evictions = 0
         self.state = state
         _static(self.length, self.fed)
@@ -75,8 +86,14 @@ class KVBuffers:
         self.scores = torch.zeros(B, H, C, dtype=torch.float32, device=dev)
         self.modality = torch.empty(B, H, C, dtype=torch.int8, device=dev)
         self.position = torch.empty(B, H, C, dtype=torch.int32, device=dev)
+        if self.mrope:  # the three position tensors are views of one [3, B, H, C] (the operator's rope_pos)
+            self._mpos = torch.empty(3, B, H, C, dtype=torch.int32, device=dev)
+            self.mpos_t, self.mpos_h, self.mpos_w = self._mpos.unbind(0)
+            for name in ("unit", "ubase", "uadv"):
+                setattr(self, name, torch.empty(B, H, C, dtype=torch.int32, device=dev))
         setattr(self.k, OWNER_ATTR, self.owner)
-        _static(self.k, self.v, self.scores, self.modality, self.position)
+        _static(self.k, self.v, self.scores, self.modality, self.position,
+                *((self._mpos, self.unit, self.ubase, self.uadv) if self.mrope else ()))
 
     # ---- shape -------------------------------------------------------------------------
     @property
@@ -124,14 +141,25 @@ class KVBuffers:
         """What a fresh tensor needs (after clone, grow, a batch change or a load): the key buffer
         names its owner (else the attention would not find the layer), addresses are static."""
         setattr(self.k, OWNER_ATTR, self.owner)
+        if self.mrope and self.mpos_t.data_ptr() != self._mpos.data_ptr():  # replaced one by one: one tensor again
+            self._mpos = torch.stack([self.mpos_t, self.mpos_h, self.mpos_w])
+            self.mpos_t, self.mpos_h, self.mpos_w = self._mpos.unbind(0)
         _static(*self.slot_tensors().values(), *self.row_tensors().values())
+
+    def rope_pos(self, rows: Optional[slice] = None) -> torch.Tensor:
+        """The stored 3-D positions ``[3, b, Hkv, C]`` int32 (contiguous) of ``rows`` (default all)."""
+        if self.mpos_t.data_ptr() != self._mpos.data_ptr():
+            self._tag()
+        if rows is None or (rows.start in (0, None) and rows.stop in (None, self.batch)):
+            return self._mpos
+        return self._mpos[:, rows].contiguous()
 
     def to_json(self) -> Dict[str, Any]:
         """The host state (JSON): shape, ``lengths``, ``evictions`` and the policy's ``state``
         (JSON-serialisable by the Policy contract)."""
         return {"batch": self.batch, "heads": self.heads, "capacity": self.capacity, "head_dim": self.k.shape[-1],
                 "dtype": str(self.dtype).replace("torch.", ""), "lengths": list(self.lengths),
-                "evictions": self.evictions, "state": self.state}
+                "evictions": self.evictions, "state": self.state, "mrope": self.mrope}
 
     def from_json(self, d: Dict[str, Any]) -> None:
         """Restore the host state written by :meth:`to_json` (the tensors are copied separately)."""
@@ -163,7 +191,7 @@ class KVBuffers:
 
     # ---- writes ------------------------------------------------------------------------
     def append(self, kn: torch.Tensor, vn: torch.Tensor, modality: int, rows: Optional[slice] = None,
-               count: bool = True) -> None:
+               count: bool = True, mrope=None) -> None:
         """Write ``m`` new tokens ``kn, vn [b, Hkv, m, D]`` at slots ``length..length+m-1`` of
         ``rows`` (default all), tag them, record their stream positions, advance the counters
         (the host copy ``lengths`` too, unless ``count=False``: the caller does it later)."""
@@ -191,11 +219,31 @@ class KVBuffers:
             self.v[g][bidx, :, slots] = vn.permute(0, 2, 1, 3)
             self.position[g][bidx, :, slots] = pos.permute(0, 2, 1)
             self.modality[g][bidx, :, slots] = modality
+        if self.mrope:
+            self._write_mrope(mrope, g, idx, m)
         fed += m
         length += m
         if count:
             for b in idx:
                 self.lengths[b] += m
+
+    def _write_mrope(self, fwd, g, idx, m: int) -> None:
+        """The 3-D positions (the model's own minus the row and head's shift) and unit metadata of
+        the ``m`` tokens just written at ``length..`` of rows ``g`` (an ``inf_mllm.mrope.Forward``)."""
+        if fwd is None:
+            raise RuntimeError("inf_mllm: an M-RoPE cache got tokens without their 3-D positions (a forward that did "
+                               "not go through the model's language model)")
+        shift = self.mshift[g][:, :, None]  # [b, Hkv, 1]
+        H = self.heads
+        for j, b in enumerate(idx):
+            L = self.lengths[b] if not torch.compiler.is_compiling() else None
+            sl = slice(L, L + m)
+            for s, name in enumerate(("mpos_t", "mpos_h", "mpos_w")):
+                getattr(self, name)[b, :, sl] = fwd.pos[s, j].to(torch.int32)[None] - shift[j]
+            self.unit[b, :, sl] = fwd.unit[j][None].expand(H, m)
+            self.ubase[b, :, sl] = fwd.ubase[j][None] - shift[j]
+            self.uadv[b, :, sl] = fwd.uadv[j][None].expand(H, m)
+            self.modality[b, :, sl] = fwd.modality[j][None].expand(H, m)
 
     def grow(self, needed: int) -> None:
         """Enlarge the buffers to at least ``needed`` slots (policy ``full`` only)."""
@@ -230,6 +278,8 @@ class KVBuffers:
         groups = [slice(0, self.batch)] if rows == over_all else [slice(b, b + 1) for b in rows]
         for g in groups:
             extras = [self.modality[g], self.position[g]]
+            if self.mrope:
+                extras += [getattr(self, name)[g] for name in self.SLOT_TENSORS[len(KVBuffers.SLOT_TENSORS):]]
             if rank is None:
                 by, reset = self.scores[g], not keep_scores
             else:
@@ -246,4 +296,8 @@ class KVBuffers:
                     self.scores[g].zero_()
         for b in rows:
             self.lengths[b] = budget
+        if self.mrope and self.rolling:
+            from .mrope import relayout
+
+            relayout(self, rows, budget)
         self.evictions += 1

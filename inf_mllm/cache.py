@@ -33,9 +33,10 @@ from . import ops
 from ._compat import (Cache, CacheLayerMixin, attention_modules, find_rotary, get_attn_implementation, text_config,
                       unsupported_reason)
 from .buffers import KVBuffers
+from .mrope import Tracker, install_hooks, is_mrope_model
 from .modality import NAMES, TEXT, modality_code
 from .policies import DEFAULT_CHUNK, Policy, Scoring, make_policy
-from .rope import Rope
+from .rope import Rope, RopeMismatch
 
 ATTN_IMPL = "inf_mllm"
 
@@ -67,7 +68,8 @@ class StreamingLayer(CacheLayerMixin):
         self.dtype, self.device = key_states.dtype, key_states.device
         pol = self.cache.policy
         self.buf = KVBuffers(B, H, pol.capacity, D, key_states.dtype, key_states.device, state=pol.new_state(B),
-                             owner=self)
+                             owner=self, mrope=self.cache.mrope is not None)
+        self.buf.rolling = pol.rolling
         self.is_initialized = True
 
     def update(self, key_states, value_states, *args, **kwargs):
@@ -165,19 +167,27 @@ class StreamingLayer(CacheLayerMixin):
         rope = {}
         if self.plan is not None:
             return self._attend_planned(query, kn, vn, position_ids, scaling)
+        fwd = None
+        if cache.mrope is not None:  # the 3-D positions the cache gave this forward (inf_mllm.mrope)
+            fwd = cache._forward
+            if fwd is None or fwd.pos.shape[-1] != n:
+                raise RuntimeError("inf_mllm: an M-RoPE model's forward did not go through its language model's "
+                                   "positions hook (call the model, or its language model, with cache=<this cache>)")
+            position_ids = fwd.pos
         if cache.policy.rolling:
             cache.rope.at(position_ids, n, self.seen - n, query, fresh=self.layer_idx == 0)
             query, kn = cache.rope.undo(query), cache.rope.undo(kn)
             rope = cache.rope.op_kwargs(query.device)
         phase = "prefill" if n > 1 else "decode"
         if real is None:
-            return self._feed(list(range(B)), query, kn, vn, scaling, rope, phase)
+            return self._feed(list(range(B)), query, kn, vn, scaling, rope, phase, fwd)
         out = torch.zeros_like(query)
         for b in range(B):  # padded rows: each row alone, pads stripped
             idx = real[b].nonzero().squeeze(1)
             if idx.numel():
                 sb = slice(b, b + 1)
-                res = self._feed([b], query[sb, :, idx], kn[sb, :, idx], vn[sb, :, idx], scaling, rope, phase)
+                res = self._feed([b], query[sb, :, idx], kn[sb, :, idx], vn[sb, :, idx], scaling, rope, phase,
+                                 None if fwd is None else fwd.rows(idx, b))
                 out[b, :, idx] = res[0]
         return out
 
@@ -196,7 +206,7 @@ class StreamingLayer(CacheLayerMixin):
             **_scoring_args(None if sc is _NO_SCORING else sc), check_values=False,
         )
 
-    def _feed(self, rows: List[int], q, kn, vn, scaling, rope: dict, phase) -> torch.Tensor:
+    def _feed(self, rows: List[int], q, kn, vn, scaling, rope: dict, phase, fwd=None) -> torch.Tensor:
         """Write and attend the ``n`` new tokens of ``rows`` (all rows, or one row alone) in pieces
         that fit the buffer, with the policy's scoring and eviction around each piece; returns their
         attention output ``[b, Hq, n, D]``. Pieces are at most ``slack`` tokens, so one long forward
@@ -222,7 +232,10 @@ class StreamingLayer(CacheLayerMixin):
             whole = m == n  # the usual case (a decode step, a chunk that fits): no slicing, no copy
             sl = slice(i, i + m)
             sc = pol.scoring(buf, m, phase, rows)
-            buf.append(kn if whole else kn[:, :, sl], vn if whole else vn[:, :, sl], self.cache._modality, g)
+            buf.append(kn if whole else kn[:, :, sl], vn if whole else vn[:, :, sl], self.cache._modality, g,
+                       mrope=None if fwd is None else (fwd if whole else fwd.piece(sl)))
+            if fwd is not None and rope:  # rolling M-RoPE: every key at its stored 3-D positions
+                rope = dict(rope, rope_pos=buf.rope_pos(g))
             if sc is not None and sc.restart:
                 buf.reset_scores(sc.restart)
             if pol.grows:  # ``full`` may have grown the buffers
@@ -309,7 +322,18 @@ class StreamingCache(Cache):
         super().__init__(layers=layers)
         self.policy = pol
         self.config = model.config
-        self.rope = Rope(find_rotary(model), pol.capacity, _model_dtype(model), mrope=False)
+        self.mrope = None  # the 3-D positions' host state (inf_mllm.mrope.Tracker) of an M-RoPE model
+        if is_mrope_model(model):
+            if pol.rolling and getattr(pol, "n_recent", 1) < 1:
+                raise ValueError(f"inf_mllm: policy {pol.name!r} with n_recent=0 on an M-RoPE model: rolling 3-D "
+                                 "positions need the newest token kept (n_recent >= 1)")
+            self.mrope = Tracker(model)
+            install_hooks(model)
+        self._forward = None
+        try:
+            self.rope = Rope(find_rotary(model), pol.capacity, _model_dtype(model), mrope=self.mrope is not None)
+        except RopeMismatch as e:
+            raise ValueError(f"inf_mllm: unsupported model: {e}") from None
         self._modality = TEXT
         self._plans: dict = {}
         # the attention module of layer 0 of the model this cache was made for (check_model)
@@ -376,6 +400,9 @@ class StreamingCache(Cache):
         Follow it by one forward of one token per row, then :meth:`finish_decode_step`."""
         if self.policy.grows:
             raise ValueError(f"inf_mllm: a planned decode step needs a fixed-size cache; policy {self.policy.name!r} grows")
+        if self.mrope is not None:
+            raise ValueError("inf_mllm: compiled decode steps do not take multimodal rotary positions yet (the positions "
+                             "are computed on the host per forward); decode eagerly (inf_mllm.greedy / generate)")
         pol = self.policy
         for layer in self.layers:
             buf = layer.buf
@@ -424,6 +451,9 @@ class StreamingCache(Cache):
             new.layers.append(twin)
         new.rope = copy.copy(self.rope)
         new.rope.forget()
+        if self.mrope is not None:
+            new.mrope = self.mrope.clone()
+        new._forward = None
         return new
 
     def reset(self):
@@ -431,6 +461,9 @@ class StreamingCache(Cache):
         for layer in self.layers:
             layer.reset()
         self.rope.forget()
+        if self.mrope is not None:
+            self.mrope.rows = []
+        self._forward = None
 
     def check_model(self, module) -> None:
         """Called by the attention of layer 0 at every forward: ``module`` must be the layer-0
@@ -459,16 +492,25 @@ class StreamingCache(Cache):
         """Keep batch rows ``rows`` (host ints, in that order, repeats allowed) in every layer."""
         for layer in self.layers:
             layer.select_rows(list(rows))
+        if self.mrope is not None and self.mrope.rows:
+            self.mrope.select_rows(list(rows))
 
     # ---- persistence (inf_mllm.persist) ------------------------------------------------
     def to_json(self) -> dict:
         """The cache-level host state (JSON): the policy, its parameters and chunk, the modality
         being fed. Layers and buffers have their own ``to_json``."""
         pol = self.policy
-        return {"policy": pol.name, "params": dict(pol.params), "chunk": pol.chunk, "modality": self._modality}
+        d = {"policy": pol.name, "params": dict(pol.params), "chunk": pol.chunk, "modality": self._modality}
+        if self.mrope is not None:
+            d["mrope"] = self.mrope.to_json()
+        return d
 
     def from_json(self, d: dict) -> None:
         self._modality = int(d.get("modality", TEXT))
+        if self.mrope is not None:
+            if "mrope" not in d:
+                raise ValueError("inf_mllm: the saved cache has no multimodal rotary positions (saved for another model)")
+            self.mrope.from_json(d["mrope"])
 
     def save(self, path) -> dict:
         """Write the cache to ``path`` (safetensors, atomically; :mod:`inf_mllm.persist`).

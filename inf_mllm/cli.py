@@ -273,12 +273,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = bench.add_parser("video", help="frames/s and memory vs video frames streamed into a VLM")
     _add_common(p)
-    p.add_argument("--model", default="tiny-random", help="tiny-random (random LLaVA; speed/memory only) or a local VLM checkpoint dir")
+    p.add_argument("--model", default="tiny-random", help="tiny-random (random LLaVA), tiny-qwen2-vl, tiny-qwen2.5-vl, "
+                   "tiny-qwen3-vl (random Qwen-VL, M-RoPE): speed/memory only; or a local VLM checkpoint dir")
     _add_policy(p)
     p.set_defaults(chunk=64)
     p.add_argument("--frames", type=int_arg(1), default=None, help="last checkpoint in frames (default 256 on CPU, 4096 on GPU)")
     p.add_argument("--min-frames", type=int_arg(1), default=8, help="first checkpoint (default 8); checkpoints double")
-    p.add_argument("--frames-per-chunk", type=int_arg(1), default=1)
+    p.add_argument("--frames-per-chunk", type=int_arg(1), default=None,
+                   help="frames encoded together (default 1; Qwen-VL: 2, one temporal patch)")
+    p.add_argument("--checkpoint-every", type=int_arg(1), default=None,
+                   help="checkpoints every N frames (default: doubling from --min-frames)")
     p.add_argument("--every", type=int_arg(1), default=1, help="use every n-th frame of the video")
     p.add_argument("--video", type=existing_file_arg, default=None, help="video file (default: the sample clip of Debian's opencv-doc)")
     p.add_argument("--frame-size", type=int_arg(1), default=None)
@@ -458,8 +462,13 @@ def _check_bench_stream(args) -> None:
 def _check_bench_video(args) -> None:
     if args.frames is not None and args.min_frames > args.frames:
         raise UsageError(f"--min-frames {args.min_frames} is larger than --frames {args.frames}")
-    if args.model not in ("tiny-random",) and not os.path.isdir(args.model):
-        raise UsageError(f"--model: {args.model}: give tiny-random or a local VLM checkpoint directory")
+    from .evals.video_bench import TINY_QWEN
+
+    if args.model not in ("tiny-random", *TINY_QWEN) and not os.path.isdir(args.model):
+        raise UsageError(f"--model: {args.model}: give tiny-random, {', '.join(TINY_QWEN)} or a local VLM checkpoint "
+                         "directory")
+    if args.frames_per_chunk is not None and args.model in TINY_QWEN and args.frames_per_chunk % 2:
+        raise UsageError(f"--frames-per-chunk {args.frames_per_chunk}: Qwen-VL encodes frames in pairs; give an even number")
 
 
 def _check_eval_ppl(args) -> None:
@@ -796,7 +805,8 @@ def cmd_bench_video(args) -> int:
     n_max = args.frames or (4096 if cuda else 256)
     if args.min_frames > n_max:
         raise UsageError(f"--min-frames {args.min_frames} is larger than the last checkpoint ({n_max} frames)")
-    checkpoints = doubling(args.min_frames, n_max)
+    checkpoints = (list(range(args.checkpoint_every, n_max, args.checkpoint_every)) + [n_max]
+                   if args.checkpoint_every else doubling(args.min_frames, n_max))
     model, proc = load_vlm(None if args.model == "tiny-random" else args.model, device=dev)
     pol_args = _policy_args(args)
     from .evals.engine import policy_kwargs

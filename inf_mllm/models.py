@@ -320,3 +320,67 @@ def tiny_random(seed: int = 0):
     model = tiny_llama(vocab=len(tok), seed=seed, max_pos=2048, bos_token_id=tok.bos_token_id,
                        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
     return model, tok
+
+
+#: token ids of the tiny Qwen-VL models (vocabulary 160; the real Qwen2 tokenizer puts them at 151652..)
+QWEN_VL_IDS = dict(vision_start_token_id=150, vision_end_token_id=151, image_token_id=152, video_token_id=153)
+
+
+def tiny_qwen_vl(kind: str = "qwen2_vl", n_layers: int = 2, seed: int = 0, sharpen: float = 4.0, vocab: int = 160,
+                 ids: Optional[dict] = None):
+    """A random Qwen2-VL / Qwen2.5-VL / Qwen3-VL (``kind``: ``qwen2_vl``, ``qwen2_5_vl``,
+    ``qwen3_vl``) of a few layers (GQA, 2 KV heads of 32 dims, M-RoPE sections of 16 frequencies),
+    with a one-block vision tower of patch 14, temporal patch 2, merge 2 (a 56x56 image is 4
+    tokens), in eval mode: no VLM weights exist offline, so the tests build these."""
+    import transformers as tf
+
+    ids = dict(QWEN_VL_IDS if ids is None else ids)
+    text = dict(vocab_size=vocab, hidden_size=128, intermediate_size=192, num_hidden_layers=n_layers,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, bos_token_id=1,
+                eos_token_id=2, pad_token_id=0)
+    vision = dict(depth=1, hidden_size=64, num_heads=2, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
+                  in_channels=3)
+    if kind == "qwen2_vl":
+        text["rope_parameters"] = dict(rope_type="default", rope_theta=10000.0, mrope_section=[4, 6, 6])
+        cfg = tf.Qwen2VLConfig(text_config=text, vision_config=dict(vision, embed_dim=64, mlp_ratio=2, hidden_size=128),
+                               **ids)
+        cls = tf.Qwen2VLForConditionalGeneration
+    elif kind == "qwen2_5_vl":
+        text["rope_parameters"] = dict(rope_type="default", rope_theta=10000.0, mrope_section=[4, 6, 6])
+        cfg = tf.Qwen2_5_VLConfig(text_config=text, vision_config=dict(vision, intermediate_size=96, out_hidden_size=128,
+                                                                       window_size=56, fullatt_block_indexes=[0],
+                                                                       tokens_per_second=2), **ids)
+        cls = tf.Qwen2_5_VLForConditionalGeneration
+    elif kind == "qwen3_vl":
+        text.update(head_dim=32, rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[6, 5, 5],
+                                                      mrope_interleaved=True))
+        cfg = tf.Qwen3VLConfig(text_config=text, vision_config=dict(vision, intermediate_size=96, out_hidden_size=128,
+                                                                    num_position_embeddings=64, deepstack_visual_indexes=[0]),
+                               **ids)
+        cls = tf.Qwen3VLForConditionalGeneration
+    else:
+        raise ValueError(f"inf_mllm: unknown tiny Qwen-VL kind {kind!r}; expected qwen2_vl, qwen2_5_vl or qwen3_vl")
+    torch.manual_seed(seed)
+    m = cls(cfg).eval()
+    sharpen_attention(m.model.language_model.layers, sharpen)
+    return m
+
+
+QWEN_VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
+
+
+def tiny_qwen_vl_session_parts(kind: str = "qwen2_vl", n_layers: int = 2, seed: int = 0, max_pixels: int = 56 * 84):
+    """``(model, processor)`` for a :class:`~inf_mllm.Session` or ``bench video``: :func:`tiny_qwen_vl`
+    over the byte tokenizer with Qwen's four vision tokens, and transformers' Qwen2-VL image processor
+    (PIL) limited to ``max_pixels`` (56 x 84: 6 tokens per frame pair)."""
+    import types
+
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    tok = byte_tokenizer(extra=QWEN_VISION_TOKENS)
+    vs, ve, img, vid = tok.convert_tokens_to_ids(list(QWEN_VISION_TOKENS))
+    model = tiny_qwen_vl(kind, n_layers=n_layers, seed=seed, vocab=len(tok),
+                         ids=dict(vision_start_token_id=vs, vision_end_token_id=ve, image_token_id=img, video_token_id=vid))
+    ip = Qwen2VLImageProcessorPil(patch_size=14, merge_size=2, temporal_patch_size=2,
+                                  size={"shortest_edge": 56 * 56, "longest_edge": int(max_pixels)})
+    return model, types.SimpleNamespace(tokenizer=tok, image_processor=ip)

@@ -335,7 +335,9 @@ def _restore_cache(p: str, header: dict, data: Dict[str, torch.Tensor], model):
         if b is None:
             continue
         dtype = getattr(torch, b["dtype"])
-        buf = KVBuffers(b["batch"], b["heads"], b["capacity"], b["head_dim"], dtype, device, owner=layer)
+        buf = KVBuffers(b["batch"], b["heads"], b["capacity"], b["head_dim"], dtype, device, owner=layer,
+                        mrope=bool(b.get("mrope", False)))
+        buf.rolling = cache.policy.rolling
         buf.from_json(b)
         if len(buf.lengths) != buf.batch or any(not 0 <= n <= buf.capacity for n in buf.lengths):
             raise StateFileError(f"inf_mllm: {p} is corrupted (layer {i}: lengths {buf.lengths} for capacity {buf.capacity})")

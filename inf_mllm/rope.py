@@ -150,7 +150,8 @@ class Rope:
                 rnd = torch.randint(0, C, (3, 1, 512), generator=gen)
                 pos = torch.cat([torch.arange(C).expand(3, 1, C), rnd], dim=-1)
             ref_cos, ref_sin = rotary_cos_sin(r, pos, torch.float32, "cpu")
-            inv = r.inv_freq.detach().float().cpu().clone()
+            with torch.inference_mode(False):  # a plain tensor even when enabled under inference_mode
+                inv = r.inv_freq.detach().float().cpu().clone()
         self.inv_freq, self.scale = inv.contiguous(), float(scale)
         max_angle = float(inv.abs().max()) * C if half else 0.0
         tol = _tolerance(self.dtype, max_angle)

@@ -10,6 +10,12 @@ from .api import enable
 from .streaming import as_ids, greedy, stream
 
 
+def _rope_index_args(model):
+    import inspect
+
+    return inspect.signature(model.model.get_rope_index).parameters
+
+
 class Session:
     """One cache kept across rounds.
 
@@ -40,6 +46,7 @@ class Session:
         self.images = 0
         self.frames = 0
         self._encoder = None
+        self._qwen = None
         self._last_logits: Optional[torch.Tensor] = None
 
     def _ids(self, text_or_ids) -> torch.Tensor:
@@ -97,13 +104,65 @@ class Session:
         if text:
             self.append(text)
 
+    # ---- Qwen-VL (M-RoPE): the model's own vision inputs, positions computed by the cache ----
+    @property
+    def qwen_inputs(self):
+        if self._qwen is None:
+            from .vision import QwenVLInputs
+
+            self._qwen = QwenVLInputs(self.model, self.processor)
+        return self._qwen
+
+    def _vision_ids(self, mtype: int, n: int) -> list:
+        cfg = self.model.config
+        tok = cfg.image_token_id if mtype == 1 else cfg.video_token_id
+        return [cfg.vision_start_token_id] + [tok] * n + [cfg.vision_end_token_id]
+
+    def _stream_vision(self, ids: list, mtype: int, **vision):
+        types = torch.tensor([[mtype if i in (self.model.config.image_token_id, self.model.config.video_token_id) else 0
+                               for i in ids]])
+        self._last_logits = stream(self.model, torch.tensor([ids]), cache=self.cache, mm_token_type_ids=types, **vision)
+        return self._last_logits
+
+    def _qwen_image(self, image):
+        pv, grid, n = self.qwen_inputs.image(image)
+        return self._stream_vision(self._vision_ids(1, n), 1, pixel_values=pv, image_grid_thw=grid)
+
+    def _qwen_clip(self, frames, first: int, fps: Optional[float], frame_text: Optional[str]):
+        """One clip of a Qwen-VL video: its own video (grid ``t = frames / 2``); Qwen3-VL lays it out
+        frame by frame with a timestamp (``frame_text``, default ``"<{t:.1f} seconds>"``) before each."""
+        pv, grid, n = self.qwen_inputs.video(frames)
+        t = int(grid[0, 0])
+        tp = self.qwen_inputs.tp
+        vision = dict(pixel_values_videos=pv, video_grid_thw=grid)
+        if "second_per_grid_ts" in _rope_index_args(self.model):
+            vision["second_per_grid_ts"] = torch.tensor([tp / fps if fps else 1.0])
+        if self.cache.mrope.rule.split_video:
+            ids, per, fmt = [], n // t, frame_text or "<{t:.1f} seconds>"
+            for k in range(t):
+                i = first + k * tp
+                ids += self._ids(fmt.format(i=i, t=i / fps if fps else float(i)))[0].tolist() + self._vision_ids(2, per)
+        else:
+            ids = self._vision_ids(2, n)
+            if frame_text:
+                self.append(frame_text.format(i=first, t=first / fps if fps else float(first)))
+        return self._stream_vision(ids, 2, **vision)
+
     @torch.no_grad()
     def append_image(self, image, text_before: Optional[str] = None, text_after: Optional[str] = None):
         """Stream one image: the VLM's vision tower + projector, then its tokens (tagged ``image``).
 
         ``text_before`` / ``text_after`` are streamed as text around the image tokens, where the
-        model's template puts ``<image>`` (e.g. LLaVA-1.5: ``"USER: "`` and ``"\n"``).
+        model's template puts ``<image>`` (e.g. LLaVA-1.5: ``"USER: "`` and ``"\n"``). A Qwen-VL
+        model gets its own layout (``<|vision_start|>``, the image tokens, ``<|vision_end|>``) at
+        the 3-D positions the cache computes.
         """
+        if self.cache.mrope is not None:
+            self._text(text_before)
+            out = self._qwen_image(image)
+            self.images += 1
+            self._text(text_after)
+            return self._last_logits if text_after else out
         feats = self.encoder.encode([image])[0]
         self._text(text_before)
         out = self.append_embeds(feats, modality="image")
@@ -112,7 +171,7 @@ class Session:
         return self._last_logits if text_after else out
 
     @torch.no_grad()
-    def append_video(self, frames: Iterable, fps: Optional[float] = None, frames_per_chunk: int = 1,
+    def append_video(self, frames: Iterable, fps: Optional[float] = None, frames_per_chunk: Optional[int] = None,
                      frame_text: Optional[str] = None, max_frames: Optional[int] = None, progress: Optional[bool] = None):
         """Stream video frames (any iterable, e.g. :func:`inf_mllm.video.read_frames`; consumed lazily).
 
@@ -122,7 +181,14 @@ class Session:
         however many frames. ``frame_text`` (a format string with ``{i}`` = index of the group's
         first frame and ``{t}`` = its time in seconds when ``fps`` is given, else ``{i}``) is
         streamed as text before each group, e.g. ``"Frame {i}: "``. Returns the number of frames read.
+
+        Qwen-VL models: each group of ``frames_per_chunk`` frames (even, default 2: one temporal
+        patch) is one video clip in the model's own layout, at the 3-D positions the cache computes;
+        ``fps`` sets Qwen2.5-VL's ``second_per_grid_ts`` and Qwen3-VL's timestamps.
         """
+        qwen = self.cache.mrope is not None
+        if frames_per_chunk is None:
+            frames_per_chunk = 2 if qwen else 1
         if not isinstance(frames_per_chunk, int) or frames_per_chunk < 1:
             raise ValueError(f"inf_mllm: frames_per_chunk must be an int >= 1, got {frames_per_chunk!r}")
         n = 0
@@ -133,7 +199,16 @@ class Session:
 
             bar = tqdm(unit="frame", desc=f"inf_mllm[{self.cache.policy.name}] video")
 
+        if qwen and frames_per_chunk % 2:
+            raise ValueError(f"inf_mllm: a Qwen-VL model encodes frames in pairs (temporal patch 2): frames_per_chunk "
+                             f"must be even, got {frames_per_chunk}")
+
         def flush(first: int):
+            if qwen:
+                self._qwen_clip(group, first, fps, frame_text)
+                if bar is not None:
+                    bar.update(len(group))
+                return
             if frame_text:
                 t = first / fps if fps else float(first)
                 self.append(frame_text.format(i=first, t=t))

@@ -48,9 +48,16 @@ def stream(
     modality="text",
     progress: bool = False,
     return_nll: bool = False,
+    **vision,
 ):
     """Feed ``input_ids`` ``[B, T]`` (a tensor, or a list of ints for one row) or ``inputs_embeds``
     ``[B, T, H]`` through ``model`` in chunks.
+
+    A Qwen-VL model (M-RoPE) also takes its processor's vision inputs here (``pixel_values``,
+    ``image_grid_thw``, ``pixel_values_videos``, ``video_grid_thw``, ``mm_token_type_ids``,
+    ``second_per_grid_ts``): the vision tower runs once over the whole input, then the merged
+    embeddings are fed to the language model chunk by chunk, at the 3-D positions the cache
+    computes (the model's own while nothing was evicted).
 
     Each chunk is at most ``chunk`` tokens (default and maximum: the cache's slack), and the
     policy evicts after each, so peak memory is ``C`` slots plus one chunk of activations
@@ -63,6 +70,8 @@ def stream(
     """
     if not isinstance(cache, StreamingCache):
         raise TypeError("inf_mllm: stream() needs cache=<StreamingCache> (from inf_mllm.enable)")
+    if vision:
+        return _stream_vision(model, input_ids, cache, chunk, attention_mask, progress, return_nll, inputs_embeds, vision)
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError("inf_mllm: pass exactly one of input_ids or inputs_embeds")
     if return_nll and input_ids is None:
@@ -154,6 +163,72 @@ def stream(
     if bar is not None:
         bar.close()
     return (last, nll) if return_nll else last
+
+
+VISION_INPUTS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "mm_token_type_ids",
+                 "second_per_grid_ts")
+
+
+def _stream_vision(model, input_ids, cache, chunk, attention_mask, progress, return_nll, inputs_embeds, vision):
+    """:func:`stream` of a Qwen-VL input: vision features merged once, the language model fed in chunks."""
+    from ._compat import language_model, language_model_inputs
+
+    bad = sorted(set(vision) - set(VISION_INPUTS))
+    if bad:
+        raise TypeError(f"inf_mllm: stream() got unexpected keyword(s) {bad}; vision inputs are {list(VISION_INPUTS)}")
+    if cache.mrope is None:
+        raise ValueError(f"inf_mllm: vision inputs to stream() are for Qwen-VL (M-RoPE) models; for "
+                         f"{type(model).__name__} use inf_mllm.Session.append_image / append_video")
+    if input_ids is None or inputs_embeds is not None:
+        raise ValueError("inf_mllm: stream() with vision inputs needs the processor's input_ids (and no inputs_embeds)")
+    if return_nll:
+        raise ValueError("inf_mllm: return_nll is not supported with vision inputs")
+    ids = as_ids(input_ids)
+    B, T = ids.shape
+    if B != 1 or (attention_mask is not None and not bool(torch.as_tensor(attention_mask).all())):
+        raise ValueError("inf_mllm: stream() with vision inputs takes one unpadded row; stream rows one by one")
+    device = next(model.parameters()).device
+    cfg = model.config
+    types = vision.get("mm_token_type_ids")
+    if types is None:  # what the processor would have said: the image / video placeholder tokens
+        types = (ids == cfg.image_token_id).long() + 2 * (ids == cfg.video_token_id).long()
+    vision = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in vision.items()}
+    vision["mm_token_type_ids"] = types.to(device)
+    lm_in = language_model_inputs(model, input_ids=ids.to(device), attention_mask=torch.ones_like(ids).to(device), **vision)
+    emb = lm_in["inputs_embeds"]
+    vis_mask = lm_in.get("visual_pos_masks")
+    deep = lm_in.get("deepstack_visual_embeds")
+    cache.mrope.announce(types.cpu(), None, vision.get("image_grid_thw"), vision.get("video_grid_thw"),
+                         vision.get("second_per_grid_ts"))
+    slack = cache.policy.slack
+    chunk = slack if chunk is None else int(chunk)
+    if chunk < 1:
+        raise ValueError(f"inf_mllm: chunk must be >= 1, got {chunk}")
+    chunk = min(chunk, slack) if not cache.policy.grows else chunk
+    lm = language_model(model)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=T, unit="tok", unit_scale=True, desc=f"inf_mllm[{cache.policy.name}]")
+    last, done_vis = None, 0
+    for s in range(0, T, chunk):
+        e = min(T, s + chunk)
+        kw = dict(cache_kwargs(cache), use_cache=True)
+        if vis_mask is not None and deep is not None:
+            vm = vis_mask[:, s:e]
+            nv = int(vm.sum())
+            if nv:
+                kw["visual_pos_masks"] = vm
+                kw["deepstack_visual_embeds"] = [d[done_vis:done_vis + nv] for d in deep]
+            done_vis += nv
+        h = lm(inputs_embeds=emb[:, s:e], **kw).last_hidden_state
+        last = model.lm_head(h[:, -1:]).float()[:, -1]
+        if bar is not None:
+            bar.update(e - s)
+    if bar is not None:
+        bar.close()
+    return last
 
 
 def _mask_and_positions(cache, chunk_mask):

@@ -7,7 +7,7 @@ as ``inputs_embeds`` into the language side.
 """
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -107,3 +107,62 @@ class FrameEncoder:
                 return out
         return torch.cat(self.encode(frames), 0)
 
+
+
+class QwenVLInputs:
+    """Pixel inputs of a Qwen-VL model (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) for images and video clips.
+
+    ``processor``: the model's processor or its image processor; ``None``: transformers' Qwen2-VL
+    image processor (PIL backend, no torchvision) with the model's patch, merge and temporal patch
+    sizes. Video clips are built from the same image processor frame by frame (the video
+    processors import torchvision): consecutive frames fill a temporal patch, in the layout of the
+    model's own processors (per patch ``C x temporal x p x p``)."""
+
+    def __init__(self, model, processor=None, min_pixels: Optional[int] = None, max_pixels: Optional[int] = None):
+        vc = model.config.vision_config
+        ip = getattr(processor, "image_processor", processor)
+        if ip is None:
+            from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+            kw = dict(patch_size=vc.patch_size, merge_size=vc.spatial_merge_size, temporal_patch_size=vc.temporal_patch_size)
+            if min_pixels or max_pixels:
+                kw["size"] = {"shortest_edge": int(min_pixels or 56 * 56), "longest_edge": int(max_pixels or 28 * 28 * 1280)}
+            ip = Qwen2VLImageProcessorPil(**kw)
+        self.ip = ip
+        self.tp = int(getattr(ip, "temporal_patch_size", vc.temporal_patch_size))
+        self.merge = int(vc.spatial_merge_size)
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+
+    def _one(self, img):
+        if isinstance(img, torch.Tensor):
+            img = np.asarray(_to_chw_float(img).mul(255).round().clamp(0, 255).byte().permute(1, 2, 0))
+        out = self.ip(images=[img], return_tensors="pt")
+        return out["pixel_values"], out["image_grid_thw"]
+
+    def image(self, img):
+        """``(pixel_values [N, C*tp*p*p], image_grid_thw [1, 3], tokens)`` of one image."""
+        pv, grid = self._one(img)
+        return pv.to(self.device, self.dtype), grid, int(grid.prod()) // self.merge ** 2
+
+    def video(self, frames: Sequence):
+        """``(pixel_values_videos, video_grid_thw [1, 3], tokens)`` of a clip (an odd last frame is repeated,
+        as the model's processors do)."""
+        frames = list(frames)
+        if not frames:
+            raise ValueError("inf_mllm: an empty video clip")
+        while len(frames) % self.tp:
+            frames.append(frames[-1])
+        per, grid = [], None
+        for f in frames:
+            pv, g = self._one(f)
+            if grid is not None and not torch.equal(g, grid):
+                raise ValueError(f"inf_mllm: the frames of one clip must have one size (grids {grid.tolist()} and {g.tolist()})")
+            grid = g
+            n, d = pv.shape
+            c = d // (self.tp * self.ip.patch_size ** 2)
+            per.append(pv.reshape(n, c, self.tp, -1)[:, :, 0])  # the image processor repeats a frame over time
+        pairs = [torch.stack(per[i:i + self.tp], dim=2).reshape(per[0].shape[0], -1) for i in range(0, len(per), self.tp)]
+        t = len(frames) // self.tp
+        grid = torch.tensor([[t, int(grid[0, 1]), int(grid[0, 2])]])
+        return torch.cat(pairs).to(self.device, self.dtype), grid, int(grid.prod()) // self.merge ** 2

@@ -197,3 +197,16 @@ def test_cache_keyword_matches_the_installed_transformers(model, recwarn):
     inf_mllm.stream(model, _ids(20), cache=cache)
     inf_mllm.greedy(model, cache, torch.zeros(128), 2)
     assert not [w for w in recwarn if "deprecated" in str(w.message) and "cache" in str(w.message)]
+
+
+def test_cache_enabled_and_streamed_under_inference_mode(model):
+    """The evaluations enable and stream under ``torch.inference_mode``: the rotary snapshot and
+    its frequency table must work there too (CI failed on 'Inference tensors do not track version
+    counter'), and give what the same stream gives outside it."""
+    ids = _ids(90, seed=3)
+    ref = inf_mllm.stream(model, ids, cache=inf_mllm.enable(model, budget=48, n_recent=8, chunk=16))
+    with torch.inference_mode():
+        cache = inf_mllm.enable(model, budget=48, n_recent=8, chunk=16)
+        got = inf_mllm.stream(model, ids, cache=cache)
+    assert cache.stats()["evictions"] > 0
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)

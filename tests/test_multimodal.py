@@ -75,7 +75,9 @@ def test_enable_attaches_to_language_model_only():
     assert [tuple(f.shape) for f in feats] == [(TOK_PER_IMG, 96)] * 2
 
 
-def test_qwen2_vl_refused_with_reason():
+def test_other_mrope_family_refused_with_reason():
+    """Qwen2-VL / 2.5-VL / 3-VL are supported (tests/test_mrope.py); an M-RoPE family that was not
+    tested for exactness (here: a Qwen2-VL posing as GLM-4V) is refused in one line."""
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
     cfg = Qwen2VLConfig(
@@ -86,9 +88,11 @@ def test_qwen2_vl_refused_with_reason():
                            spatial_merge_size=2, temporal_patch_size=2),
     )
     m = Qwen2VLForConditionalGeneration(cfg)
+    inf_mllm.enable(m, "inf_mllm", budget=64, n_recent=8)  # the family itself is accepted
+    m.config.model_type = "glm4v"
     for pol in ("inf_mllm", "full", "h2o"):
-        with pytest.raises(ValueError, match="mrope.*Qwen2-VL.*cannot be kept exact under eviction"):
-            inf_mllm.enable(m, pol)
+        with pytest.raises(ValueError, match="multimodal rotary positions are supported for qwen2_vl.*not one of them"):
+            inf_mllm.enable(m, pol, budget=64, n_recent=8)
 
 
 def test_preprocessing_processor_and_fallback(frames):

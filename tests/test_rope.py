@@ -289,7 +289,7 @@ def test_snapshot_refuses_a_multimodal_rotary_it_cannot_reproduce():
 
 
 def test_freq_form_with_an_inference_tensor_of_frequencies():
-    # an inference tensor has no version counter: the CPU path builds its table per call (no memo)
+    # an inference tensor has no version counter: the CPU path still builds its table from it
     q, k, v, length, scores = _args(n=1, lens=(96, 41))
     with torch.inference_mode():
         inv = _inv_freq(64)

@@ -21,7 +21,10 @@ import torch
 
 from .common import record
 
-__all__ = ["tiny_llava", "run_video_bench", "load_vlm"]
+__all__ = ["tiny_llava", "run_video_bench", "load_vlm", "TINY_QWEN"]
+
+#: ``--model`` names of the tiny random Qwen-VL models (M-RoPE; speed and memory only)
+TINY_QWEN = {"tiny-qwen2-vl": "qwen2_vl", "tiny-qwen2.5-vl": "qwen2_5_vl", "tiny-qwen3-vl": "qwen3_vl"}
 
 
 def tiny_llava(seed: int = 0, image_size: int = 32, patch_size: int = 16, n_layers: int = 2, hidden: int = 96,
@@ -56,6 +59,11 @@ def load_vlm(path: Optional[str], device: str = "cpu", dtype=torch.float32, **ti
     if path in (None, "", "tiny-random", "tiny-llava"):
         model, proc = tiny_llava(dtype=dtype, **tiny_kw)
         return model.to(device), proc
+    if path in TINY_QWEN:
+        from ..models import tiny_qwen_vl_session_parts
+
+        model, proc = tiny_qwen_vl_session_parts(TINY_QWEN[path])
+        return model.to(device, dtype), proc
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     proc = AutoProcessor.from_pretrained(path, local_files_only=True)
@@ -73,7 +81,7 @@ def _rss() -> int:
 
 
 def run_video_bench(model, processor, *, policies: Sequence[str], policy_args: Dict[str, Any], checkpoints: List[int],
-                    frames_per_chunk: int = 1, every: int = 1, video: Optional[str] = None, frame_size: Optional[int] = None,
+                    frames_per_chunk: Optional[int] = None, every: int = 1, video: Optional[str] = None, frame_size: Optional[int] = None,
                     chunk: int = 64, question: Optional[str] = "What happens in the video?", max_new_tokens: int = 4,
                     model_name: str = "tiny-random") -> Dict[str, Any]:
     """Stream ``checkpoints[-1]`` frames per policy; a row per (policy, checkpoint)."""
@@ -106,7 +114,8 @@ def run_video_bench(model, processor, *, policies: Sequence[str], policy_args: D
         for cp in checkpoints:
             t0 = time.perf_counter()
             try:
-                done += s.append_video(frames, frames_per_chunk=frames_per_chunk, max_frames=cp - done, fps=info["fps"])
+                done += s.append_video(frames, frames_per_chunk=frames_per_chunk, max_frames=cp - done,
+                                       fps=info["fps"] / every if info.get("fps") else None)
             except torch.cuda.OutOfMemoryError:  # pragma: no cover
                 status = "out of memory"
                 break
@@ -128,7 +137,7 @@ def run_video_bench(model, processor, *, policies: Sequence[str], policy_args: D
             for k in ser:
                 ser[k].append(row[k] if k != "cache_slots" else st["slots_used"])
         answer = None
-        if status == "ok" and question:
+        if status == "ok" and question and getattr(s, "tokenizer", None) is not None:
             answer = s.ask(question, max_new_tokens=max_new_tokens)
         rows.append({"policy": policy, "frames": done, "status": status, "total_s": round(time.perf_counter() - t_start, 3),
                      "answer": answer})
@@ -138,6 +147,6 @@ def run_video_bench(model, processor, *, policies: Sequence[str], policy_args: D
         "model": model_name, "device": dev, "video": {"path": path, **info, "every": every, "frame_size": frame_size},
         "frames_per_chunk": frames_per_chunk, "chunk": chunk, "policy_args": policy_args, "checkpoints": checkpoints,
         "rows": rows, "series": series,
-        "notes": ["random weights: speed and memory only, no accuracy" if model_name == "tiny-random" else ""],
+        "notes": ["random weights: speed and memory only, no accuracy" if model_name.startswith("tiny-") else ""],
     }
 
