@@ -6,7 +6,7 @@ kernels when torch is a CUDA build (``torch.version.cuda``) and nvcc is found, u
 
 * ``INF_MLLM_NO_CUDA=1``: CPU library only.
 * ``INF_MLLM_CUDA_ARCHS``: e.g. ``"90"`` or ``"80;90"`` (CMake syntax); else from
-  ``TORCH_CUDA_ARCH_LIST`` (``"8.0;9.0+PTX"``), else the visible GPUs, else ``80;90``.
+  ``TORCH_CUDA_ARCH_LIST`` (``"8.0;9.0+PTX"``), else the visible GPUs, else ``80;89;90``.
 * ``CUDA_HOME`` / ``CUDA_PATH`` / ``nvcc`` on ``PATH``: the CUDA compiler.
 * ``MAX_JOBS``: parallel compile jobs; ``CMAKE_BUILD_TYPE`` (default Release);
   ``INF_MLLM_CMAKE_ARGS``: extra CMake arguments.
@@ -69,7 +69,7 @@ def _cuda_archs(torch) -> str:
             return ";".join(f"{a}{b}" for a, b in sorted(caps))
     except Exception:  # pragma: no cover - no driver
         pass
-    return "80;90"
+    return "80;89;90"
 
 
 def _find_cmake():

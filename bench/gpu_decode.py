@@ -11,9 +11,9 @@ ids are streamed in chunks of ``--chunk``; at each checkpoint (4K, 16K, 64K, ...
 * ``transformers``: the model's own SDPA attention + ``DynamicCache`` (grows), up to 64K;
 * ``full`` (ours, grows, up to 64K), ``inf_mllm``, ``streaming_llm``, ``h2o`` (budget 2048).
 
-Then, at 4K tokens: one decode step of ``inf_mllm`` compiled with
-``torch.compile(mode="reduce-overhead", fullgraph=True)`` (CUDA-graph replay) against the eager
-step and against transformers' ``StaticCache`` compiled the same way. Stops cleanly at
+First (unless ``--skip-graph``), :func:`graph_compare`: inf_mllm's decode step eager and through
+``compile_decode(mode="reduce-overhead")`` at ``--graph-tokens`` tokens streamed, against
+transformers' ``StaticCache`` compiled the same way at ``--static-tokens``. Stops cleanly at
 ``--deadline`` seconds and writes what it has (``gpu_decode.json``).
 """
 import argparse
@@ -37,6 +37,8 @@ p.add_argument("--steps", type=int, default=16)
 p.add_argument("--deadline", type=float, default=240.0)
 p.add_argument("--policies", default="transformers,full,inf_mllm,streaming_llm,h2o")
 p.add_argument("--skip-graph", action="store_true")
+p.add_argument("--graph-tokens", default="4K,64K,256K,1M", help="tokens streamed at which compile_decode is timed")
+p.add_argument("--static-tokens", default="4K,64K", help="StaticCache sizes timed compiled (one compile each)")
 p.add_argument("--device", default="cuda")
 p.add_argument("--tiny", action="store_true", help="a 2-layer model (dry run of this script on a CPU)")
 args = p.parse_args()
@@ -136,65 +138,112 @@ def stream_policy(m, policy):
         m.set_attn_implementation("inf_mllm")
 
 
+def _tokens(spec):
+    out = []
+    for t in filter(None, spec.split(",")):
+        t = t.strip().upper()
+        out.append(int(float(t[:-1]) * {"K": 1 << 10, "M": 1 << 20}[t[-1]]) if t[-1] in "KM" else int(t))
+    return out
+
+
+def _graph_row(impl, tokens, fn, n, warm=None):
+    med, best = timed(fn, n)
+    row = dict(impl=impl, tokens=tokens, decode_ms=med, decode_ms_best=best)
+    if warm is not None:
+        row["warmup_s"] = warm
+    graph_rows.append(row)
+    print(f"graph: {impl:26s} {tokens:>8d} tokens  decode {med:7.2f} ms (best {best:.2f})"
+          + (f", warm-up {warm:.1f}s" if warm is not None else "") + f"  [{time.time() - T0:.0f}s]", flush=True)
+    save()
+
+
 @torch.no_grad()
-def graph_step(m):
+def graph_compare(m):
+    """Per-token decode latency of inf_mllm (budget ``--budget``), eager and through
+    ``compile_decode(mode="reduce-overhead")`` (one CUDA graph, replayed every step), at each of
+    ``--graph-tokens`` tokens streamed (random ids, eager chunks in between: the same graph keeps
+    replaying); then transformers' ``StaticCache`` with the forward under ``torch.compile(mode=
+    "reduce-overhead", fullgraph=True)`` at each of ``--static-tokens`` (its K/V filled directly
+    with random values, no O(T^2) prefill; one compile per size)."""
     from transformers import StaticCache
 
-    P = 4096
-    ids = torch.randint(0, 151936, (1, P), device=dev, generator=torch.Generator(device=dev).manual_seed(1))
-    tok = ids[:, -1:]
-    for name in ("inf_mllm", "inf_mllm-graph", "transformers-static-graph"):
-        if left() < 40:
+    g = torch.Generator(device=dev).manual_seed(1)
+    tok = torch.randint(0, 151936, (1, 1), device=dev, generator=g)
+    m.set_attn_implementation("inf_mllm")
+    torch._dynamo.reset()
+    cache = inf_mllm.enable(m, "inf_mllm", budget=args.budget, n_recent=256, chunk=args.chunk)
+    fed, fast = 0, None
+    for T in _tokens(args.graph_tokens):
+        if left() < 30:
+            print(f"deadline: inf_mllm at {T} tokens skipped", flush=True)
+            break
+        try:
+            while fed < T and left() > 20:
+                n = min(args.chunk, T - fed)
+                m(torch.randint(0, 151936, (1, n), device=dev, generator=g), **{CACHE_KW: cache}, use_cache=True,
+                  logits_to_keep=1)
+                fed += n
+            if fed < T:
+                break
+            warm = None
+            if fast is None:
+                t0 = time.time()
+                fast = inf_mllm.compile_decode(m, cache, mode="reduce-overhead")
+                for _ in range(4):  # compile + record
+                    fast(tok)
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+                warm = time.time() - t0
+            _graph_row("inf_mllm-graph", T, lambda: fast(tok), 32, warm)
+            _graph_row("inf_mllm", T, lambda: m(tok, **{CACHE_KW: cache}, use_cache=True, logits_to_keep=1), 8)
+            fed += 32 + 4 + 8 + (4 if warm is not None else 0)
+        except Exception as e:  # report and go on
+            graph_rows.append(dict(impl="inf_mllm-graph", tokens=T, error=f"{type(e).__name__}: {str(e)[:400]}"))
+            print(f"graph: inf_mllm at {T} FAILED {type(e).__name__}: {str(e)[:400]}", flush=True)
+            save()
+            break
+    del cache, fast
+    m.set_attn_implementation("sdpa")
+    for T in _tokens(args.static_tokens):
+        if left() < 60:
+            print(f"deadline: StaticCache at {T} tokens skipped", flush=True)
             break
         torch._dynamo.reset()
         t0 = time.time()
         try:
-            if name.startswith("transformers"):
-                m.set_attn_implementation("sdpa")
-                cache = StaticCache(config=m.config, max_cache_len=P + 256)
-                m(ids, **{CACHE_KW: cache}, cache_position=torch.arange(P, device=dev), use_cache=True,
-                  logits_to_keep=1)
-                pos = torch.tensor([P], device=dev)
+            cache = StaticCache(config=m.config, max_cache_len=T + 64)
+            zero = torch.zeros(1, dtype=torch.long, device=dev)
+            m(tok, **{CACHE_KW: cache}, cache_position=zero, position_ids=zero[None], use_cache=True, logits_to_keep=1)
+            for layer in getattr(cache, "layers", []):  # the first T slots: random K/V, no prefill
+                for name in ("keys", "values"):
+                    t = getattr(layer, name, None)
+                    if isinstance(t, torch.Tensor):
+                        t.normal_()
+            pos = torch.tensor([T], device=dev)
 
-                def f():
-                    return m(tok, **{CACHE_KW: cache}, cache_position=pos, position_ids=pos[None], use_cache=True,
-                             logits_to_keep=1).logits
+            def f():
+                return m(tok, **{CACHE_KW: cache}, cache_position=pos, position_ids=pos[None], use_cache=True,
+                         logits_to_keep=1).logits
 
-            else:
-                m.set_attn_implementation("inf_mllm")
-                cache = inf_mllm.enable(m, "inf_mllm", budget=P + 256, n_recent=256, chunk=args.chunk)
-                for s in range(0, P, args.chunk):
-                    m(ids[:, s : s + args.chunk], **{CACHE_KW: cache}, use_cache=True, logits_to_keep=1)
-
-                # graph: bookkeeping and evictions outside the graph (one graph, replayed every step)
-                fast = inf_mllm.compile_decode(m, cache, mode="reduce-overhead") if name.endswith("graph") else None
-
-                def f():
-                    if fast is not None:
-                        return fast(tok)
-                    return m(tok, **{CACHE_KW: cache}, use_cache=True, logits_to_keep=1).logits
-
-            step = torch.compile(f, mode="reduce-overhead", fullgraph=True) if name == "transformers-static-graph" else f
-            for _ in range(4):  # compile + record
+            step = torch.compile(f, mode="reduce-overhead", fullgraph=True)
+            for _ in range(4):
                 step()
             if dev.type == "cuda":
                 torch.cuda.synchronize()
-            warm = time.time() - t0
-            med, best = timed(step, 32)
-            graph_rows.append(dict(impl=name, tokens=P, decode_ms=med, decode_ms_best=best, warmup_s=warm))
-            print(f"graph: {name:26s} decode {med:7.2f} ms (best {best:.2f}), warm-up {warm:.1f}s", flush=True)
+            _graph_row("transformers-static-graph", T, step, 32, time.time() - t0)
+            del cache, step
         except Exception as e:  # report and go on
-            graph_rows.append(dict(impl=name, error=f"{type(e).__name__}: {str(e)[:400]}"))
-            print(f"graph: {name} FAILED {type(e).__name__}: {str(e)[:400]}", flush=True)
-        save()
+            graph_rows.append(dict(impl="transformers-static-graph", tokens=T, error=f"{type(e).__name__}: {str(e)[:400]}"))
+            print(f"graph: StaticCache at {T} FAILED {type(e).__name__}: {str(e)[:400]}", flush=True)
+            save()
     m.set_attn_implementation("inf_mllm")
 
 
 m = model_()
 inf_mllm.enable(m, "inf_mllm")  # switches the attention implementation
 if not args.skip_graph:
-    graph_step(m)
-for pol in args.policies.split(","):
+    graph_compare(m)
+for pol in filter(None, args.policies.split(",")):
     if left() < 10:
         print(f"deadline: {pol} skipped", flush=True)
         continue

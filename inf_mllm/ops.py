@@ -151,7 +151,7 @@ def _(q, k, v, length, scores, scale, window, bias, cos, sin, bias_mode="absolut
 def _attention_with_scores_impl(q, k, v, length, scores, scale, window, bias, cos, sin, bias_mode, decay,
                                 inv_freq=None, rope_scale=1.0, rope_pos=None, rope_sections=None):
     rope = dict(inv_freq=inv_freq, rope_scale=rope_scale, rope_pos=rope_pos, rope_sections=rope_sections)
-    if q.is_cuda and q.dtype != torch.float64 and rope_pos is None:
+    if q.is_cuda and q.dtype != torch.float64:
         from .kernels.attention import attention_with_scores_triton
 
         return attention_with_scores_triton(q, k, v, length, scores, scale, window, bias, cos, sin, bias_mode, decay,

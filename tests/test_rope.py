@@ -286,3 +286,14 @@ def test_snapshot_refuses_a_multimodal_rotary_it_cannot_reproduce():
     r.forward = (lambda self, x, p: tuple(t * 0.5 + 0.5 for t in orig(self, x, p))).__get__(r)
     with pytest.raises(RopeMismatch, match="could not find the rotary section"):
         Rope(r, 100, mrope=True)
+
+
+def test_freq_form_with_an_inference_tensor_of_frequencies():
+    # an inference tensor has no version counter: the CPU path still builds its table from it
+    q, k, v, length, scores = _args(n=1, lens=(96, 41))
+    with torch.inference_mode():
+        inv = _inv_freq(64)
+        out = ops.attention_with_scores(q, k, v, length, None, inv_freq=inv)
+    cos, sin = rope_cos_sin(torch.arange(96), _inv_freq(64))
+    ref = ops.attention_with_scores(q, k, v, length, None, cos=cos, sin=sin)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Compile-check the torch-free CUDA kernels of inf_mllm (csrc/cuda/compact_kernels.cu) with
-# nvcc for sm_80 and sm_90 (no GPU and no torch needed). Usage: tools/check_cuda.sh [archs...]
+# nvcc for sm_80, sm_89 and sm_90 (no GPU and no torch needed). Usage: tools/check_cuda.sh [archs...]
 # NVCC selects the compiler (default: nvcc on PATH, else $CUDA_HOME/bin/nvcc, else /usr/local/cuda).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,7 +14,7 @@ if [[ -z "$NVCC" ]]; then
   fi
 fi
 ARCHS=("$@")
-[[ ${#ARCHS[@]} -eq 0 ]] && ARCHS=(80 90)
+[[ ${#ARCHS[@]} -eq 0 ]] && ARCHS=(80 89 90)
 
 "$NVCC" --version | tail -n 1
 tmp="$(mktemp -d)"

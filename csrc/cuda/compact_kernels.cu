@@ -65,10 +65,19 @@ __device__ __forceinline__ int block_excl_count(bool pred, int* warp_counts, int
   return before + in_warp;
 }
 
+// sm_89 (RTX 4090 / 4090 D) holds 1536 threads per SM: for three 512-thread blocks ptxas caps the
+// select kernel at 40 registers and spills; two blocks per SM let it keep everything in registers
+// (63). sm_80 / sm_90 (2048 threads per SM) fit it in 32 registers at full occupancy, unchanged.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ == 890
+#define INF_MLLM_SELECT_BOUNDS(block) __launch_bounds__(block, 2)
+#else
+#define INF_MLLM_SELECT_BOUNDS(block) __launch_bounds__(block)
+#endif
+
 // CACHE: the middle's keys are kept in dynamic shared memory (>= C uint32) after the first
 // radix pass, so the later passes and the compaction do not re-read global memory.
 template <int BLOCK, bool CACHE>
-__global__ void __launch_bounds__(BLOCK) compact_select_kernel(float* __restrict__ scores, const int32_t* __restrict__ length,
+__global__ void INF_MLLM_SELECT_BOUNDS(BLOCK) compact_select_kernel(float* __restrict__ scores, const int32_t* __restrict__ length,
                                                                int64_t* __restrict__ idx, int H, int C, int budget, int n_sink,
                                                                int n_recent, bool reset_scores) {
   const int bh = blockIdx.x;

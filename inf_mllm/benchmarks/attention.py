@@ -3,7 +3,9 @@
 Three implementations on the same random shapes (never zeros):
 
 * ``inf_mllm``: :func:`inf_mllm.ops.attention_with_scores` (Triton on CUDA, the vectorised
-  torch path on the CPU), scoring the last ``window`` queries, with or without RoPE on load;
+  torch path on the CPU), scoring the last ``window`` queries, with or without RoPE on load
+  (from the rotary frequencies, as the cache calls it);
+* ``inf_mllm_table``: the same with RoPE from cos/sin tables by slot (the fallback form);
 * ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` on the valid slots, no scores
   (the floor: what attention costs without scoring; GQA via ``enable_gqa`` where available);
 * ``sdpa_stacked``: the same SDPA with the ``G`` query heads of a KV head stacked as ``G * n``
@@ -65,9 +67,16 @@ def time_fn(fn: Callable[[], object], device: torch.device, warmup: int = 10, re
     return statistics.median(times)
 
 
+def _inv_freq(D: int, device) -> torch.Tensor:
+    # a normal tensor even under inference mode, as the cache's snapshot of the rotary frequencies is
+    # (the CPU path keeps one table per frequency tensor, keyed by its version counter)
+    with torch.inference_mode(False):
+        return 1.0 / (10000.0 ** (torch.arange(0, D, 2, dtype=torch.float32, device=device) / D))
+
+
 def _rope(C: int, D: int, device) -> tuple:
     pos = torch.arange(C, dtype=torch.float32, device=device)[:, None]
-    inv = 1.0 / (10000.0 ** (torch.arange(0, D, 2, dtype=torch.float32, device=device) / D))
+    inv = _inv_freq(D, device)
     emb = torch.cat([pos * inv, pos * inv], dim=-1)
     return emb.cos(), emb.sin()
 
@@ -167,11 +176,15 @@ def bench_attention(
         v = torch.randn(B, Hkv, L, D, generator=gen).to(device=device, dtype=dtype)
         length = torch.full((B,), L, dtype=torch.int32, device=device)
         scores = (torch.rand(B, Hkv, L, generator=gen) + 0.5).to(device)
-        cos, sin = _rope(L, D, device) if rope else (None, None)
+        cos, sin = _rope(L, D, device) if rope and "inf_mllm_table" in impls else (None, None)
+        rope_kw = dict(inv_freq=_inv_freq(D, device)) if rope else {}
         kv_bytes = 2 * B * Hkv * L * D * k.element_size()
         flops = 4.0 * B * Hq * n * L * D
         for impl in impls:
-            if impl == "inf_mllm":
+            if impl == "inf_mllm":  # RoPE from the frequencies, as the cache calls it
+                fn = functools.partial(ops.attention_with_scores, q, k, v, length, scores, window=window, bias=bias,
+                                       check_values=False, **rope_kw)
+            elif impl == "inf_mllm_table":  # the fallback: RoPE from cos/sin tables by slot
                 fn = functools.partial(ops.attention_with_scores, q, k, v, length, scores, window=window, bias=bias,
                                        cos=cos, sin=sin, check_values=False)
             elif impl == "sdpa":
@@ -191,7 +204,8 @@ def bench_attention(
                     dtype=str(dtype).replace("torch.", ""),
                     B=B, Hq=Hq, Hkv=Hkv, G=G, D=D, n=n, context=L,
                     window=window if impl not in ("sdpa", "sdpa_stacked") else 0,
-                    rope=bool(rope) and impl == "inf_mllm",
+                    rope=(("table" if impl == "inf_mllm_table" else "freq") if rope and impl.startswith("inf_mllm")
+                          else False),
                     scores=impl not in ("sdpa", "sdpa_stacked"),
                     time_ms=ms,
                     kv_bytes=kv_bytes,
@@ -199,7 +213,7 @@ def bench_attention(
                     tflops=flops / (ms * 1e-3) / 1e12,
                 )
             )
-        del q, k, v, scores, cos, sin
+        del q, k, v, scores, cos, sin, rope_kw
     return rows
 
 

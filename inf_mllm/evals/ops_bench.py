@@ -86,7 +86,8 @@ def run_ops_bench(
         for mode, n in (("decode", 1), ("prefill", prefill_chunk)):
             for C in sizes:
                 # one call per (size, impl): an out-of-memory eager path loses only its own row
-                for impl in ("inf_mllm", "sdpa", "sdpa_stacked", "eager_scores"):
+                impls = ("inf_mllm", "inf_mllm_table") if cuda else ("inf_mllm",)  # the table fallback: GPU only
+                for impl in impls + ("sdpa", "sdpa_stacked", "eager_scores"):
                     try:
                         got = bench_attention(device, dtype, contexts=(C,), B=B, Hkv=Hkv, G=Hq // Hkv, D=D, n=n,
                                               window=window, impls=(impl,), **reps)
