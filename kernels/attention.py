@@ -295,17 +295,29 @@ def _key_logits(q1, q2, k_base, j, jmask, j0, d, h, f, co, so, COS, SIN, FREQ, P
             k = k.to(tl.float32)
         return _qk(q1, k, LOWP, DT)
     else:
-        k1, k2 = _load_halves(k_base, j * HEAD_DIM, jmask, h, HALF)
-        if ROPE == 2:
-            c, s = _rope_block(j0, f, co, so, BLOCK_N, BLOCK_H, RB)
-            r1 = k1 * c - k2 * s
-            r2 = k2 * c + k1 * s
-        else:
-            c1, s1, c2, s2 = _rope_rows(j, jmask, h, COS, SIN, FREQ, POS, SEC, pos_base, pos_plane,
-                                        HEAD_DIM, HALF, ROPE, NSEC, RB)
-            r1 = k1 * c1 - k2 * s1
-            r2 = k2 * c2 + k1 * s2
+        r1, r2 = _rotated_key_halves(k_base, j, jmask, j0, h, f, co, so, COS, SIN, FREQ, POS, SEC, pos_base,
+                                     pos_plane, HEAD_DIM, HALF, BLOCK_N, BLOCK_H, ROPE, NSEC, RB)
         return _qk(q1, r1, LOWP, DT) + _qk(q2, r2, LOWP, DT)
+
+
+@triton.jit
+def _rotated_key_halves(k_base, j, jmask, j0, h, f, co, so, COS, SIN, FREQ, POS, SEC, pos_base, pos_plane,
+                        HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
+                        ROPE: tl.constexpr, NSEC: tl.constexpr, RB: tl.constexpr):
+    """The two halves ``[BLOCK_N, HALF]`` (float32) of the key rows at slots ``j``, loaded once and
+    rotated from that load: by angle addition in the block (``ROPE == 2``: ``f, co, so`` from
+    :func:`_rope_offsets`), else at each slot (table or per-slot positions)."""
+    k1, k2 = _load_halves(k_base, j * HEAD_DIM, jmask, h, HALF)
+    if ROPE == 2:
+        c, s = _rope_block(j0, f, co, so, BLOCK_N, BLOCK_H, RB)
+        r1 = k1 * c - k2 * s
+        r2 = k2 * c + k1 * s
+    else:
+        c1, s1, c2, s2 = _rope_rows(j, jmask, h, COS, SIN, FREQ, POS, SEC, pos_base, pos_plane,
+                                    HEAD_DIM, HALF, ROPE, NSEC, RB)
+        r1 = k1 * c1 - k2 * s1
+        r2 = k2 * c2 + k1 * s2
+    return r1, r2
 
 
 @triton.jit
@@ -603,17 +615,14 @@ def _prefill_scores(
                          mask=jmask[:, None] & (d < HEAD_DIM)[None, :], other=0.0).to(tl.float32)
             k2 = k1
         else:
-            x1, x2 = _load_halves(K + kv_base, j * HEAD_DIM, jmask, h, HALF)
             if ROPE == 2:
                 f, co, so = _rope_offsets(FREQ, h, HALF, RB)
-                cb, sb = _rope_block(j0, f, co, so, BLOCK_N, BLOCK_H, RB)
-                k1 = x1 * cb - x2 * sb
-                k2 = x2 * cb + x1 * sb
             else:
-                c1, s1, c2, s2 = _rope_rows(j, jmask, h, COS, SIN, FREQ, POS, SEC, pos_base, pos_plane,
-                                            HEAD_DIM, HALF, ROPE, NSEC, RB)
-                k1 = x1 * c1 - x2 * s1
-                k2 = x2 * c2 + x1 * s2
+                f = 0.0
+                co = 0.0
+                so = 0.0
+            k1, k2 = _rotated_key_halves(K + kv_base, j, jmask, j0, h, f, co, so, COS, SIN, FREQ, POS, SEC, pos_base,
+                                         pos_plane, HEAD_DIM, HALF, BLOCK_N, BLOCK_H, ROPE, NSEC, RB)
         if LOWP:
             k1 = k1.to(DT)
             k2 = k2.to(DT)
