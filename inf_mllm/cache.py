@@ -57,6 +57,7 @@ class StreamingLayer(CacheLayerMixin):
         self.seen = 0  # tokens fed to this layer, pads included (transformers' sequence length)
         self.pending = None
         self.plan = None  # the Scoring of a planned decode step (see StreamingCache.plan_decode_step)
+        self.deferred: set = set()  # rows whose eviction waits (StreamingCache.deferred_eviction)
 
     @property
     def cache(self) -> "StreamingCache":
@@ -179,6 +180,10 @@ class StreamingLayer(CacheLayerMixin):
             query, kn = cache.rope.undo(query), cache.rope.undo(kn)
             rope = cache.rope.op_kwargs(query.device)
         phase = "prefill" if n > 1 else "decode"
+        if cache._probing:
+            if real is not None:
+                raise ValueError("inf_mllm: a probe forward takes unpadded rows (no padding in attention_mask)")
+            return self._probe(query, kn, vn, scaling, rope)
         if real is None:
             return self._feed(list(range(B)), query, kn, vn, scaling, rope, phase, fwd)
         out = torch.zeros_like(query)
@@ -252,8 +257,36 @@ class StreamingLayer(CacheLayerMixin):
                 if out is None:
                     out = q.new_empty(q.shape)
                 out[:, :, sl] = res
-            pol.evict(buf, pol.due(buf, m, phase, rows))
+            due = pol.due(buf, m, phase, rows)
+            if self.cache._deferring:
+                self.deferred.update(due)
+            else:
+                pol.evict(buf, due)
             i += m
+        return out
+
+    def _probe(self, q, kn, vn, scaling, rope: dict) -> torch.Tensor:
+        """A probe forward's attention (:meth:`StreamingCache.probing`): the ``n`` tokens are written
+        after the cache's slots, attended like any chunk (every query scores, into a scratch buffer,
+        no bias), then taken out again; the policy gets their attention to the slots that were
+        there before (:meth:`Policy.probed`). Nothing is evicted, no counter or score moves."""
+        pol, buf = self.cache.policy, self.buf
+        n = q.shape[2]
+        before = list(buf.lengths)
+        if max(before) + n > buf.capacity:
+            raise RuntimeError(f"inf_mllm: a probe of {n} tokens does not fit the cache ({max(before)} of {buf.capacity} "
+                               "slots used); probe at most one chunk, right after it")
+        length, fed = buf.length.clone(), buf.fed.clone()
+        buf.append(kn, vn, self.cache._modality)
+        gained = torch.zeros_like(buf.scores)
+        out = ops.attention_with_scores(q, buf.k, buf.v, buf.length, gained, scale=scaling, **rope, window=n,
+                                        bias=0.0, decay=1.0, check_values=False)
+        buf.length.copy_(length)
+        buf.fed.copy_(fed)
+        buf.lengths = before
+        for b, L in enumerate(before):
+            gained[b, :, L:] = 0  # the probe's own slots
+        pol.probed(buf, list(range(buf.batch)), gained, n)
         return out
 
 
@@ -336,6 +369,11 @@ class StreamingCache(Cache):
             raise ValueError(f"inf_mllm: unsupported model: {e}") from None
         self._modality = TEXT
         self._plans: dict = {}
+        self._deferring = False  # inside deferred_eviction()
+        self._probing = None  # inside probing(): each layer's tokens seen before the probe
+        if pol.probes and self.mrope is not None:
+            raise ValueError(f"inf_mllm: policy {pol.name!r} probes (reconstruct > 0), which multimodal rotary positions "
+                             "(M-RoPE) do not support yet")
         # the attention module of layer 0 of the model this cache was made for (check_model)
         self._attn0 = next((m for m in attention_modules(model) if getattr(m, "layer_idx", None) == 0), None)
         self._made_for = f"a {type(model).__name__} with {cfg.num_hidden_layers} layers"
@@ -353,6 +391,45 @@ class StreamingCache(Cache):
             yield self
         finally:
             self._modality = old
+
+    @contextlib.contextmanager
+    def deferred_eviction(self):
+        """Inside the ``with`` block the evictions the policy finds due are postponed; on exit each
+        layer evicts the rows that came due (once). The block may feed at most the cache's free
+        slots without eviction (a full buffer still makes room at once)."""
+        if self._deferring:
+            raise RuntimeError("inf_mllm: deferred_eviction() blocks do not nest")
+        self._deferring = True
+        try:
+            yield self
+        finally:
+            self._deferring = False
+            for layer in self.layers:
+                rows, layer.deferred = sorted(layer.deferred), set()
+                if rows and layer.buf is not None:
+                    self.policy.evict(layer.buf, rows)
+
+    @contextlib.contextmanager
+    def probing(self):
+        """Forwards inside the ``with`` block are probes: their tokens attend the cache as usual
+        (their output is the model's) but are not kept, nothing is evicted, the counters and the
+        scores stay, except that the policy sees the probe's attention (``Policy.probed``;
+        reconstruction scoring). One probe of at most ``slack`` tokens fits after a chunk fed
+        inside :meth:`deferred_eviction` when the policy reserves room for it (``probes``)."""
+        if self._probing is not None:
+            raise RuntimeError("inf_mllm: probing() blocks do not nest")
+        if self.mrope is not None:
+            raise ValueError("inf_mllm: probing does not support multimodal rotary positions (M-RoPE) yet")
+        if any(layer.buf is None for layer in self.layers):
+            raise RuntimeError("inf_mllm: a probe needs a cache that has seen tokens")
+        self._probing = [layer.seen for layer in self.layers]
+        try:
+            yield self
+        finally:
+            for layer, seen in zip(self.layers, self._probing):
+                layer.seen = seen
+                layer.pending = None
+            self._probing = None
 
     @property
     def capacity(self) -> int:
@@ -445,6 +522,7 @@ class StreamingCache(Cache):
             twin = copy.copy(layer)
             twin._cache = weakref.ref(new)
             twin.pending = None
+            twin.deferred = set()
             if layer.buf is not None:
                 twin.buf = layer.buf.clone(owner=twin)
                 twin.keys, twin.values = twin.buf.k, twin.buf.v

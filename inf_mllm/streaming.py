@@ -64,6 +64,9 @@ def stream(
     however long the input. ``attention_mask`` ``[B, T]`` (0 = pad, e.g. left padding) is
     supported; every row needs at least one real token. Tokens are tagged with ``modality``.
 
+    A policy that probes (``inf_mllm`` with ``reconstruct > 0``) gets every chunk twice: fed, then
+    fed again as a probe (:meth:`StreamingCache.probing`) before the chunk's eviction.
+
     Returns the logits of the last position ``[B, V]`` (float32); with ``return_nll=True``,
     ``(logits, nll)`` where ``nll[b, t]`` is ``-log p(token[t+1] | tokens[..t])`` (``[B, T-1]``,
     float32, computed chunk by chunk without keeping all logits; pad targets give 0).
@@ -127,6 +130,10 @@ def stream(
         T = new_x.shape[1]
     else:
         attention_mask = None  # all ones: the same as no mask
+    probe = cache.policy.probes
+    if probe and attention_mask is not None:
+        raise ValueError(f"inf_mllm: policy {cache.policy.name!r} probes every chunk (reconstruct > 0), which a padded "
+                         "batch does not support yet; stream the rows one by one")
     nll = torch.zeros(B, T - 1, dtype=torch.float32, device=device) if return_nll else None
     prev_last = None
     last = None
@@ -143,10 +150,15 @@ def stream(
                 kw["attention_mask"], kw["position_ids"] = _mask_and_positions(cache, attention_mask[:, s:e])
             if not return_nll:
                 kw["logits_to_keep"] = 1
-            if input_ids is not None:
-                out = model(input_ids=input_ids[:, s:e].to(device), **kw)
+            piece = dict(input_ids=input_ids[:, s:e].to(device)) if input_ids is not None else dict(
+                inputs_embeds=inputs_embeds[:, s:e].to(device))
+            if probe:  # reconstruction scoring: the chunk again, as a probe, before the chunk's eviction
+                with cache.deferred_eviction():
+                    out = model(**piece, **kw)
+                    with cache.probing():
+                        model(**piece, **dict(kw, logits_to_keep=1))
             else:
-                out = model(inputs_embeds=inputs_embeds[:, s:e].to(device), **kw)
+                out = model(**piece, **kw)
             logits = out.logits
             if return_nll:
                 lp = torch.log_softmax(logits.float(), dim=-1)

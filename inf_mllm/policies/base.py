@@ -258,6 +258,19 @@ class Policy:
     def evicted(self, buf, rows: Sequence[int]) -> None:
         """Called after ``rows`` were evicted (reset per-row counters)."""
 
+    # -- reconstruction probing (opt-in; inf_mllm.stream) -----------------------------------
+    @property
+    def probes(self) -> bool:
+        """Whether ``inf_mllm.stream`` feeds every chunk a second time as a probe (see
+        :meth:`StreamingCache.probing`) before the chunk's eviction, and hands the probe's
+        attention to :meth:`probed`."""
+        return False
+
+    def probed(self, buf, rows: Sequence[int], gained: torch.Tensor, n: int) -> None:
+        """A probe of ``n`` queries (the chunk just fed, fed again) attended the layer's cache:
+        ``gained [B, Hkv, C]`` float32 is their attention summed over the ``n`` queries (mean over
+        the GQA group) per slot, zero past each row's length. Called before the chunk's eviction."""
+
     # -- the shared selection step --------------------------------------------------------
     def evict(self, buf, rows: Sequence[int], *, rank: Optional[torch.Tensor] = None,
               keep_scores: Optional[bool] = None, merge: Optional[Callable] = None) -> None:

@@ -23,6 +23,9 @@ when ``pool > 1``, so a phrase is kept or evicted together.
 ``min_text_slots=N`` (multimodal quota, ours): after an eviction each KV head keeps at least
 ``min(N, text tokens held before it)`` text slots (sinks and recent count), so a stream of
 video frames cannot push out the text (question, instructions).
+``reconstruct=r > 0`` (opt-in, about twice the prefill work): ``inf_mllm.stream`` feeds every chunk
+a second time as a probe that attends the cache (chunk included, nothing evicted yet) and writes
+nothing; its attention is added to the scores before the chunk's eviction (:meth:`probed`).
 """
 import torch
 import torch.nn.functional as F
@@ -42,7 +45,7 @@ class InfMLLMPolicy(Policy):
     # bias_mode="absolute", bias=1e-3, novelty=0, pool=1
     defaults = dict(budget=2048, n_sink=4, n_recent=256, window=32, bias=1.0, bias_mode="relative", h_life=4096.0,
                     novelty=2.0, pool=7, min_text_slots=0, accumulate="sum",
-                    key_signal="novelty", layer_slope=0.0)
+                    key_signal="novelty", layer_slope=0.0, reconstruct=0.0)
 
     ACCUMULATE = ("sum", "peak")
     KEY_SIGNALS = ("novelty", "leverage")
@@ -63,6 +66,7 @@ class InfMLLMPolicy(Policy):
         if p["key_signal"] not in self.KEY_SIGNALS:
             raise ValueError(f"inf_mllm: key_signal must be one of {self.KEY_SIGNALS}, got {p['key_signal']!r}")
         check_number("layer_slope", p["layer_slope"], -0.95, 0.95)
+        check_number("reconstruct", p["reconstruct"], 0.0)
         if p["accumulate"] == "peak" and not p["h_life"] > 0:
             raise ValueError("inf_mllm: accumulate='peak' needs persistent scores (h_life > 0)")
         self._prev = {}  # accumulate="peak": id(buf) -> the decayed scores before the call (scoring -> due)
@@ -109,14 +113,33 @@ class InfMLLMPolicy(Policy):
         else:
             buf.scores[idx] = best
 
+    # -- reconstruction probing (opt-in) -------------------------------------------------------
+    @property
+    def probes(self) -> bool:
+        return self.params["reconstruct"] > 0
+
+    def probed(self, buf, rows, gained, n):
+        """``reconstruct = r > 0`` (KVzip's idea, per chunk): the chunk fed again attends the cache
+        before the chunk's eviction; its attention per slot counts as ``r`` ordinary scoring calls
+        (``sum``: ``r * min(window, n) / n`` times the probe's sum over its ``n`` queries is added;
+        ``peak``: a slot keeps the larger of its score and ``r`` times the probe's mean per query).
+        A token that the text's own continuation would need to reproduce it is credited before it
+        can be evicted."""
+        idx = list(rows)
+        if self.params["accumulate"] == "peak":
+            buf.scores[idx] = torch.maximum(buf.scores[idx], gained[idx] * (self.params["reconstruct"] / max(n, 1)))
+        else:
+            buf.scores[idx] += gained[idx] * (self.params["reconstruct"] * min(self.window, n) / max(n, 1))
+
     # -- per-layer budgets (opt-in) ------------------------------------------------------------
     @property
     def capacity(self) -> int:
         s = abs(self.params["layer_slope"])
+        probe = self.slack if self.probes else 0  # room for the probe on top of the un-evicted chunk
         if not s:
-            return self.budget + self.slack
+            return self.budget + self.slack + probe
         mid = self.budget - self.n_sink - self.n_recent
-        return self.n_sink + self.n_recent + int(mid * (1 + s)) + 1 + self.slack
+        return self.n_sink + self.n_recent + int(mid * (1 + s)) + 1 + self.slack + probe
 
     def layer_budget(self, buf) -> int:
         """``layer_slope = s``: layer ``l`` of ``N`` gets ``mid * (1 + s * (1 - 2 l / (N - 1)))`` middle
