@@ -27,6 +27,8 @@ for path in a.runs:
         raise SystemExit(f"{path}: block {d['block']} != {block}")
     block = d["block"]
     for pol, c in d["curves"].items():
+        if pol in curves:  # the same policy label in two runs (e.g. different --policy-arg): name it by its file
+            pol = f"{pol} [{os.path.basename(path)}]"
         curves[pol] = c["block_nll"]
 if a.base not in curves:
     raise SystemExit(f"no {a.base!r} run among {sorted(curves)}")
