@@ -3,9 +3,16 @@ and the older slots (docs/method.md §9.2).
 
     HF_HUB_OFFLINE=1 PYTHONPATH=$PWD python bench/probe_share.py [--out bench/results/cpu]
 """
-import argparse, json, os
-import torch, inf_mllm
+import argparse
+import json
+import os
+import statistics
+
+import torch
+
+import inf_mllm
 from inf_mllm.data import load_corpus
+
 ap = argparse.ArgumentParser()
 ap.add_argument("--out", default=None)
 args = ap.parse_args()
@@ -20,13 +27,12 @@ def rec(buf, rows, gained, n):
     g = gained[0, :, :T]
     tot = g.sum(-1)
     new = g[:, T - n:].sum(-1)        # the chunk just fed (its original copy)
-    sink = g[:, :4].sum(-1)
+    sink = g[:, :cache.policy.n_sink].sum(-1)
     shares.append((T, float((new / tot).mean()), float((sink / tot).mean())))
     hook(buf, rows, gained, n)
 cache.policy.probed = rec
 inf_mllm.stream(model, torch.tensor([ids]), cache=cache, chunk=64)
 L = len(cache.layers)
-import statistics
 later = [s for i, s in enumerate(shares) if i // L >= 2]  # chunks after the cache is over budget
 res = {"text": "austen[100000:104000], 640 tokens", "budget": 128, "n_recent": 32, "chunk": 64, "chunks": "3-10",
        "share_chunk": statistics.mean(s[1] for s in later), "share_sinks": statistics.mean(s[2] for s in later)}

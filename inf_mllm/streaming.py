@@ -102,7 +102,11 @@ def stream(
         raise ValueError(f"inf_mllm: chunk must be >= 1, got {chunk}")
     chunk = min(chunk, slack) if not cache.policy.grows else chunk
     device = next(model.parameters()).device
-    if attention_mask is not None and not bool(attention_mask.all()):
+    padded = attention_mask is not None and not bool(attention_mask.all())
+    if padded and cache.policy.probes:
+        raise ValueError(f"inf_mllm: policy {cache.policy.name!r} probes every chunk (reconstruct > 0), which a padded "
+                         "batch does not support yet; stream the rows one by one")
+    if padded:
         if return_nll:
             raise ValueError("inf_mllm: return_nll is not supported with a padded attention_mask; stream rows one by one")
         # Re-chunk per row so that every row sees the same chunk boundaries as when streamed alone:
@@ -131,9 +135,6 @@ def stream(
     else:
         attention_mask = None  # all ones: the same as no mask
     probe = cache.policy.probes
-    if probe and attention_mask is not None:
-        raise ValueError(f"inf_mllm: policy {cache.policy.name!r} probes every chunk (reconstruct > 0), which a padded "
-                         "batch does not support yet; stream the rows one by one")
     nll = torch.zeros(B, T - 1, dtype=torch.float32, device=device) if return_nll else None
     prev_last = None
     last = None
