@@ -10,7 +10,8 @@ and records, at every eviction of every layer, for every KV head:
 * which of the needle's tokens (the whole needle sentence, and the key digits apart) are kept or
   evicted, and the eviction (chunk) at which each is first lost;
 * for an evicted needle token: its rank value, its raw score, the z-scores of score and key
-  novelty that make the rank (``rank = pool(z(score) + novelty * z(nov))``), the cut (the lowest
+  novelty that make the rank (``rank = pool(z(score) + novelty * z(nov))``), the z-scores of two
+  signals the rank does not use (the value norm, VATP's factor, and minus the key norm, K-norm's), the cut (the lowest
   rank kept in the middle) and what outranked it: how many of the kept middle slots came from
   before / after the needle, and their mean raw score, z(score) and z(nov);
 
@@ -75,6 +76,8 @@ def _recorder(orig):
         lo, hi = n_sink, T - n_recent
         zs = _standardise(sc, lo, hi)
         zn = _standardise(key_novelty(self.k[b, :, :T]), lo, hi)
+        zv = _standardise(self.v[b, :, :T].float().norm(dim=-1), lo, hi)  # value norm (VATP's factor)
+        zk = _standardise(-self.k[b, :, :T].float().norm(dim=-1), lo, hi)  # minus key norm (K-norm press)
         orig(self, rows, budget, n_sink, n_recent, rank=rank, keep_scores=keep_scores)
         kept_pos = self.position[b, :, :budget].clone()
         layer = self.owner.layer_idx
@@ -96,6 +99,8 @@ def _recorder(orig):
                 ev["lost_score"] = statistics.mean(float(sc[h, j]) for j in js)
                 ev["lost_zs"] = statistics.mean(float(zs[h, j]) for j in js)
                 ev["lost_zn"] = statistics.mean(float(zn[h, j]) for j in js)
+                ev["lost_zv"] = statistics.mean(float(zv[h, j]) for j in js)
+                ev["lost_zk"] = statistics.mean(float(zk[h, j]) for j in js)
                 ev["cut"] = cut
                 n0 = needle[0]
                 before = [j for j in mid_kept if int(pos[h, j]) < n0]
@@ -107,6 +112,8 @@ def _recorder(orig):
                         ev[f"kept_{name}_score"] = statistics.mean(float(sc[h, j]) for j in js2)
                         ev[f"kept_{name}_zs"] = statistics.mean(float(zs[h, j]) for j in js2)
                         ev[f"kept_{name}_zn"] = statistics.mean(float(zn[h, j]) for j in js2)
+                        ev[f"kept_{name}_zv"] = statistics.mean(float(zv[h, j]) for j in js2)
+                        ev[f"kept_{name}_zk"] = statistics.mean(float(zk[h, j]) for j in js2)
                 # position-in-rank of the needle's best token among the middle candidates
                 mids = sorted((float(rk[h, j]) for j in range(lo, hi)), reverse=True)
                 best = max(float(rk[h, j]) for j in js)
