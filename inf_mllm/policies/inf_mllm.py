@@ -43,7 +43,7 @@ class InfMLLMPolicy(Policy):
     # bias/bias_mode/h_life/novelty/pool: chosen on the needle evaluation's tune seeds and on
     # streaming perplexity (docs/method.md, "Defaults"); the first version is h_life=0,
     # bias_mode="absolute", bias=1e-3, novelty=0, pool=1
-    defaults = dict(budget=2048, n_sink=4, n_recent=256, window=32, bias=1.0, bias_mode="relative", h_life=4096.0,
+    defaults = dict(budget=2048, n_sink=4, n_recent=256, window=32, bias=1.0, bias_mode="relative", h_life=1024.0,
                     novelty=2.0, pool=7, min_text_slots=0, accumulate="sum",
                     key_signal="novelty", layer_slope=0.0, reconstruct=0.0)
 
