@@ -168,13 +168,10 @@ class cmake_build_ext(build_ext):
             raise RuntimeError(f"inf_mllm: CMake did not produce {fullpath}")
 
 
-packages = ["inf_mllm", *find_packages(include=["inf_mllm.*"]), "inf_mllm.kernels"]
-packages += ["inf_mllm.kernels." + p for p in find_packages(where="kernels")]
-packages = list(dict.fromkeys(packages))
+packages = ["inf_mllm", *find_packages(include=["inf_mllm.*"])]
 
 setup(
     packages=packages,
-    package_dir={"inf_mllm": "inf_mllm", "inf_mllm.kernels": "kernels"},
     ext_modules=[CMakeExtension("inf_mllm._C")],
     cmdclass={"build_ext": cmake_build_ext},
     zip_safe=False,
