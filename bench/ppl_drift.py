@@ -1,6 +1,6 @@
 """Drift or text? Windowed perplexity of several ``eval ppl`` runs over the same stream (issue 20, part 5).
 
-    python bench/ppl_drift.py RUN.json [RUN.json ...] [--window 16] [--out bench/results/cpu/ppl_drift]
+    python bench/ppl_drift.py RUN.json [RUN.json ...] [--window 16] [--labels A,B,...] [--out bench/results/cpu/ppl_drift]
 
 Each run's ``block_nll`` (mean NLL per block of ``block`` tokens) is averaged over windows of
 ``--window`` blocks, over the tokens every run covered. A cache that drifts (keeps worse and worse
@@ -17,16 +17,24 @@ p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 p.add_argument("runs", nargs="+")
 p.add_argument("--window", type=int, default=16, help="blocks per window (default 16)")
 p.add_argument("--base", default="streaming_llm", help="the policy the others are divided by")
+p.add_argument("--labels", default=None,
+               help="comma-separated, one per run: names a one-policy run's curve (e.g. 'inf_mllm h_life 4096'); "
+                    "the run's policy names are kept for 'streaming_llm' (the base) and multi-policy runs get it as a suffix")
 p.add_argument("--out", default=None)
 a = p.parse_args()
+labels = a.labels.split(",") if a.labels else [None] * len(a.runs)
+if len(labels) != len(a.runs):
+    raise SystemExit(f"--labels has {len(labels)} names for {len(a.runs)} runs")
 
 curves, block = {}, None
-for path in a.runs:
+for path, label in zip(a.runs, labels):
     d = json.load(open(path))
     if block is not None and d["block"] != block:
         raise SystemExit(f"{path}: block {d['block']} != {block}")
     block = d["block"]
     for pol, c in d["curves"].items():
+        if label and pol != a.base:
+            pol = label if len(d["curves"]) == 1 else f"{pol} [{label}]"
         if pol in curves:  # the same policy label in two runs (e.g. different --policy-arg): name it by its file
             pol = f"{pol} [{os.path.basename(path)}]"
         curves[pol] = c["block_nll"]
@@ -73,13 +81,14 @@ if a.out:
 
     fig, (ax, bx) = plt.subplots(2, 1, figsize=(8, 6), sharex=True, gridspec_kw=dict(height_ratios=[2, 1]))
     x = [r["tokens_end"] / 1e3 for r in wins]
+    color = {pol: f"C{i}" for i, pol in enumerate(curves)}  # one colour per run in both panels
     for pol in curves:
-        ax.plot(x, [r[pol] for r in wins], label=pol)
+        ax.plot(x, [r[pol] for r in wins], label=pol, color=color[pol])
     ax.set_ylabel(f"perplexity per {W * block // 1024}K-token window")
     ax.legend()
     ax.set_title("Same stream, budget 1024: does the cache drift, or does the text get harder?")
     for pol in others:
-        bx.plot(x, [r[pol] / r[a.base] for r in wins], label=f"{pol} / {a.base}")
+        bx.plot(x, [r[pol] / r[a.base] for r in wins], label=f"{pol} / {a.base}", color=color[pol])
     bx.axhline(1.0, color="grey", lw=0.5)
     bx.set_ylabel("ratio")
     bx.set_xlabel("tokens streamed (K)")
