@@ -169,9 +169,10 @@ def test_new_policy_is_one_class():
         ("inf_mllm", dict(h_life=-1), ValueError, "h_life must be in"),
         ("inf_mllm", dict(h_life=float("nan")), ValueError, "h_life must be a finite number"),
         ("inf_mllm", dict(pool=4), ValueError, "pool must be odd"),
-        ("inf_mllm", dict(accumulate="mean"), ValueError, "accumulate must be one of"),
+        ("inf_mllm", dict(accumulate="max"), ValueError, "accumulate must be one of"),
         ("inf_mllm", dict(key_signal="norm"), ValueError, "key_signal must be one of"),
         ("inf_mllm", dict(accumulate="peak", h_life=0), ValueError, "needs persistent scores"),
+        ("inf_mllm", dict(accumulate="mean", h_life=0), ValueError, "needs persistent scores"),
     ],
 )
 def test_bad_arguments(name, kw, exc, msg):
@@ -307,6 +308,31 @@ def test_inf_mllm_peak_keeps_the_best_call_not_the_sum():
         torch.testing.assert_close(got, want)
     # the head where the old score was higher keeps it (decayed), the other takes the call's mean
     assert float(got[0, 3]) == pytest.approx(2.0 * d) and float(got[1, 3]) == pytest.approx(1.0)
+
+
+def test_inf_mllm_mean_ranks_by_credit_per_call_not_by_age():
+    """accumulate="mean": the ranking divides each slot's (unchanged) score by
+    1 - 2^(-(age + window) / h_life), so a young slot with a high rate outranks an old slot whose
+    larger sum only reflects the calls it lived through; "sum" keeps the old one."""
+    kept = {}
+    for mode in ("sum", "mean"):
+        pol = make_policy("inf_mllm", budget=4, n_sink=1, n_recent=2, window=4, chunk=8, h_life=64, novelty=0,
+                          pool=1, accumulate=mode)
+        lay = filled_buffers(B=1, H=1, lengths=(6,), C=pol.capacity, policy=pol)
+        lay.position[0, 0, :6] = torch.tensor([0, 10, 900, 1000, 1001, 1002], dtype=torch.int32)
+        lay.scores[0, 0, :6] = torch.tensor([1.0, 3.0, 0.0, 0.5, 1.0, 1.0])  # slot 1: old, 3.0; slot 3: 2 old, 0.5
+        before = lay.scores.clone()
+        rank = pol.rank(lay, [0])
+        if mode == "mean":
+            age = torch.tensor([1002, 992, 102, 2, 1, 0], dtype=torch.float64)
+            want = before[0, 0, :6].double() / (1 - 2.0 ** (-(age + 4) / 64))
+            torch.testing.assert_close(rank[0, 0, :6].double(), want, rtol=1e-6, atol=0)
+        else:
+            assert rank is None  # novelty 0, pool 1: the scores as they are
+        pol.evict(lay, [0])
+        kept[mode] = lay.position[0, 0, :4].tolist()
+        torch.testing.assert_close(lay.scores[0, 0, 1], before[0, 0, 1 if mode == "sum" else 3])  # scores unchanged
+    assert kept == {"sum": [0, 10, 1001, 1002], "mean": [0, 1000, 1001, 1002]}
 
 
 def test_key_leverage_is_the_hat_diagonal_and_finds_the_odd_key():

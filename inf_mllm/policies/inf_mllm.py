@@ -47,7 +47,7 @@ class InfMLLMPolicy(Policy):
                     novelty=2.0, pool=7, min_text_slots=0, accumulate="sum",
                     key_signal="novelty", layer_slope=0.0, reconstruct=0.0)
 
-    ACCUMULATE = ("sum", "peak")
+    ACCUMULATE = ("sum", "peak", "mean")
     KEY_SIGNALS = ("novelty", "leverage")
 
     def validate(self):
@@ -67,8 +67,8 @@ class InfMLLMPolicy(Policy):
             raise ValueError(f"inf_mllm: key_signal must be one of {self.KEY_SIGNALS}, got {p['key_signal']!r}")
         check_number("layer_slope", p["layer_slope"], -0.95, 0.95)
         check_number("reconstruct", p["reconstruct"], 0.0)
-        if p["accumulate"] == "peak" and not p["h_life"] > 0:
-            raise ValueError("inf_mllm: accumulate='peak' needs persistent scores (h_life > 0)")
+        if p["accumulate"] != "sum" and not p["h_life"] > 0:
+            raise ValueError(f"inf_mllm: accumulate={p['accumulate']!r} needs persistent scores (h_life > 0)")
         self._prev = {}  # accumulate="peak": id(buf) -> the decayed scores before the call (scoring -> due)
         check_int("min_text_slots", p["min_text_slots"], 0)
         if p["min_text_slots"] > self.budget:
@@ -190,19 +190,33 @@ class InfMLLMPolicy(Policy):
     # -- what it keeps --------------------------------------------------------------------
     def rank(self, buf, rows):
         w, k = self.params["novelty"], self.params["pool"]
-        if not w and k == 1:
+        mean = self.params["accumulate"] == "mean"
+        if not (w or mean) and k == 1:
             return None  # the scores as they are
-        r = buf.scores
-        if w:
-            r = r.clone()
-            for b in rows:
-                T = buf.lengths[b]
-                lo, hi = self.n_sink, T - self.n_recent
-                if hi - lo > 1:
-                    kb = buf.k[b, :, :T]
-                    nov = key_leverage(kb) if self.params["key_signal"] == "leverage" else key_novelty(kb)
-                    r[b, :, :T] = _standardise(buf.scores[b, :, :T], lo, hi) + w * _standardise(nov, lo, hi)
+        r = buf.scores.clone() if (w or mean) else buf.scores
+        for b in rows:
+            T = buf.lengths[b]
+            if mean:
+                r[b, :, :T] = self._per_call(buf, b, T)
+            lo, hi = self.n_sink, T - self.n_recent
+            if w and hi - lo > 1:
+                kb = buf.k[b, :, :T]
+                nov = key_leverage(kb) if self.params["key_signal"] == "leverage" else key_novelty(kb)
+                r[b, :, :T] = _standardise(r[b, :, :T], lo, hi) + w * _standardise(nov, lo, hi)
         return max_pool_slots(r, k) if k > 1 else r
+
+    def _per_call(self, buf, b, T):
+        """``accumulate="mean"`` (ranking only; the scores stay SPEC §5's decayed sum): each slot's
+        score over ``1 - 2 ** (-(age + window) / h_life)``, which is what a token of that age
+        (stream tokens since it arrived) would hold, up to a constant, had it drawn the same
+        attention at every call. A rate, then: a token that arrived a chunk ago competes with the
+        survivors of many calls on what it drew per call, not on how many calls it has lived
+        through (method.md §9.1: why the key is lost at budget 128); tokens much older than
+        ``h_life`` rank by their sum as before. O(C) per eviction."""
+        pos = buf.position[b, :, :T].double()
+        age = pos[:, T - 1 : T] - pos
+        lived = 1.0 - torch.exp2(-(age + self.window) / self.params["h_life"])
+        return (buf.scores[b, :, :T].double() / lived).float()
 
     def protect(self, buf, rows, rank):
         """The best-ranked text slots of the middle, so that >= min_text_slots text slots stay."""
