@@ -172,7 +172,6 @@ def test_new_policy_is_one_class():
         ("inf_mllm", dict(accumulate="max"), ValueError, "accumulate must be one of"),
         ("inf_mllm", dict(key_signal="norm"), ValueError, "key_signal must be one of"),
         ("inf_mllm", dict(accumulate="peak", h_life=0), ValueError, "needs persistent scores"),
-        ("inf_mllm", dict(accumulate="mean", h_life=0), ValueError, "needs persistent scores"),
     ],
 )
 def test_bad_arguments(name, kw, exc, msg):
@@ -220,7 +219,8 @@ def test_inf_mllm_persistent_scores_decay_and_move():
 
 
 def test_inf_mllm_pooling_keeps_neighbours():
-    pol = make_policy("inf_mllm", budget=8, n_sink=1, n_recent=2, window=4, chunk=8, h_life=64, pool=3, novelty=0)
+    pol = make_policy("inf_mllm", budget=8, n_sink=1, n_recent=2, window=4, chunk=8, h_life=64, pool=3, novelty=0,
+                      accumulate="sum")
     lay = filled_buffers(B=1, H=1, lengths=(24,), C=24, policy=pol)
     lay.scores.zero_()
     lay.scores[0, 0, 10] = 1.0
@@ -256,8 +256,10 @@ def test_window_policies_refuse_n_recent(name):
 
 
 def test_inf_mllm_novelty_ranking_equals_plain_recomputation():
-    # rank = z(scores) + w * z(-cos(k, mean direction)) over the middle slots, then max-pooled
+    # rank = z(scores / lived) + w * z(-cos(k, mean direction)) over the middle slots, then max-pooled,
+    # lived = 1 - 2^(-(age + window) / h_life) (the default accumulate="mean"; 1 under "sum")
     pol = make_policy("inf_mllm", budget=10, n_sink=2, n_recent=3, window=4, chunk=8, h_life=64, novelty=1.5, pool=3)
+    assert pol.params["accumulate"] == "mean"
     lay = filled_buffers(B=2, H=2, lengths=(24, 9), C=24, policy=pol, seed=3)
     got = pol.rank(lay, [0])
     k = lay.k[0, :, :24].double()
@@ -269,7 +271,8 @@ def test_inf_mllm_novelty_ranking_equals_plain_recomputation():
         m = x[:, 2:21]
         return (x - m.mean(-1, keepdim=True)) / m.std(-1, keepdim=True)
 
-    comb = z(lay.scores[0, :, :24].double()) + 1.5 * z(nov)
+    age = 23 - torch.arange(24, dtype=torch.float64)  # positions 0..23, the newest 23
+    comb = z(lay.scores[0, :, :24].double() / (1 - 2.0 ** (-(age + 4) / 64))) + 1.5 * z(nov)
     pooled = torch.stack([comb[:, max(0, j - 1) : j + 2].max(-1).values for j in range(24)], -1)
     torch.testing.assert_close(got[0, :, :24].double(), pooled, atol=1e-5, rtol=1e-5)
     # eviction keeps sinks, recent and the best 5 by that ranking
@@ -333,6 +336,10 @@ def test_inf_mllm_mean_ranks_by_credit_per_call_not_by_age():
         kept[mode] = lay.position[0, 0, :4].tolist()
         torch.testing.assert_close(lay.scores[0, 0, 1], before[0, 0, 1 if mode == "sum" else 3])  # scores unchanged
     assert kept == {"sum": [0, 10, 1001, 1002], "mean": [0, 1000, 1001, 1002]}
+    # h_life=0 (the first version, scores restarted every period): nothing to normalise, as "sum"
+    pol = make_policy("inf_mllm", budget=4, n_sink=1, n_recent=2, window=4, chunk=8, h_life=0, novelty=0, pool=1,
+                      accumulate="mean")
+    assert pol.rank(filled_buffers(B=1, H=1, lengths=(6,), C=pol.capacity, policy=pol), [0]) is None
 
 
 def test_key_leverage_is_the_hat_diagonal_and_finds_the_odd_key():

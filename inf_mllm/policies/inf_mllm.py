@@ -40,11 +40,11 @@ from .snapkv import max_pool_slots
 class InfMLLMPolicy(Policy):
     name = "inf_mllm"
     positions = ROLLING
-    # bias/bias_mode/h_life/novelty/pool: chosen on the needle evaluation's tune seeds and on
-    # streaming perplexity (docs/method.md, "Defaults"); the first version is h_life=0,
-    # bias_mode="absolute", bias=1e-3, novelty=0, pool=1
+    # bias/bias_mode/h_life/novelty/pool/accumulate: chosen on the needle evaluation's tune seeds and
+    # on streaming perplexity (docs/method.md, "Defaults" and §9.3); the first version is h_life=0,
+    # bias_mode="absolute", bias=1e-3, novelty=0, pool=1, accumulate="sum"
     defaults = dict(budget=2048, n_sink=4, n_recent=256, window=32, bias=1.0, bias_mode="relative", h_life=1024.0,
-                    novelty=2.0, pool=7, min_text_slots=0, accumulate="sum",
+                    novelty=2.0, pool=7, min_text_slots=0, accumulate="mean",
                     key_signal="novelty", layer_slope=0.0, reconstruct=0.0)
 
     ACCUMULATE = ("sum", "peak", "mean")
@@ -67,8 +67,8 @@ class InfMLLMPolicy(Policy):
             raise ValueError(f"inf_mllm: key_signal must be one of {self.KEY_SIGNALS}, got {p['key_signal']!r}")
         check_number("layer_slope", p["layer_slope"], -0.95, 0.95)
         check_number("reconstruct", p["reconstruct"], 0.0)
-        if p["accumulate"] != "sum" and not p["h_life"] > 0:
-            raise ValueError(f"inf_mllm: accumulate={p['accumulate']!r} needs persistent scores (h_life > 0)")
+        if p["accumulate"] == "peak" and not p["h_life"] > 0:
+            raise ValueError("inf_mllm: accumulate='peak' needs persistent scores (h_life > 0)")
         self._prev = {}  # accumulate="peak": id(buf) -> the decayed scores before the call (scoring -> due)
         check_int("min_text_slots", p["min_text_slots"], 0)
         if p["min_text_slots"] > self.budget:
@@ -190,7 +190,9 @@ class InfMLLMPolicy(Policy):
     # -- what it keeps --------------------------------------------------------------------
     def rank(self, buf, rows):
         w, k = self.params["novelty"], self.params["pool"]
-        mean = self.params["accumulate"] == "mean"
+        # "mean" with h_life=0 (the first version): the scores restart every period, so nothing
+        # piles up over calls and the ranking is the period's score, as under "sum"
+        mean = self.params["accumulate"] == "mean" and self.params["h_life"] > 0
         if not (w or mean) and k == 1:
             return None  # the scores as they are
         r = buf.scores.clone() if (w or mean) else buf.scores
