@@ -2,6 +2,7 @@
 
     PYTHONPATH=$PWD python bench/kept_ages.py [--tokens 32K] [--budget 1024] [--every 4K]
         [--variant "inf_mllm" --variant "inf_mllm:novelty=0" ...] [--out bench/results/cpu/kept_ages.json]
+    python bench/kept_ages.py --merge A.json B.json ... --out OUT.json   # one file and one plot from several runs
 
 Streams Austen (the ``eval ppl`` text) in chunks through each variant (``policy[:k=v,...]``, the
 ``relevance_cost.py`` syntax) and, every ``--every`` tokens, records over all layers and KV heads
@@ -50,7 +51,44 @@ p.add_argument("--every", default="4K")
 p.add_argument("--variant", action="append", default=[])
 p.add_argument("--threads", type=int, default=1)
 p.add_argument("--out", default="bench/results/cpu/kept_ages.json")
+p.add_argument("--merge", nargs="+", default=None, help="runs to merge into --out (and plot); nothing is streamed")
 args = p.parse_args()
+
+
+def save(out, path):
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(out, f, indent=1)
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
+        for spec, v in out["variants"].items():
+            x = [r["tokens"] / 1024 for r in v["rows"]]
+            ax[0].plot(x, [r["quantiles"][2] for r in v["rows"]], marker="o", label=spec)
+            ax[1].plot(x, [r["older_4K"] for r in v["rows"]], marker="o", label=spec)
+        ax[0].set(xlabel="tokens streamed (K)", ylabel="median age held (tokens)", yscale="log")
+        ax[1].set(xlabel="tokens streamed (K)", ylabel="share held older than 4K")
+        ax[0].legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(os.path.splitext(path)[0] + ".png", dpi=110)
+    except ImportError:
+        pass
+    print(f"wrote {path}")
+
+
+if args.merge:
+    runs = [json.load(open(f)) for f in args.merge]
+    keys = ("tokens", "budget", "chunk", "every")
+    for f, r in zip(args.merge[1:], runs[1:]):
+        if any(r[k] != runs[0][k] for k in keys):
+            sys.exit(f"kept_ages: {f} differs from {args.merge[0]} in {keys}")
+    merged = dict(runs[0], command=[r["command"] for r in runs], variants={})
+    for r in runs:
+        merged["variants"].update(r["variants"])
+    save(merged, args.out)
+    sys.exit(0)
 torch.set_num_threads(args.threads)
 n_tok, every = _tokens(args.tokens), _tokens(args.every)
 variants = args.variant or ["streaming_llm", "inf_mllm"]
@@ -91,23 +129,4 @@ for spec in variants:
               f">4K {r['older_4K']:.3f}, >16K {r['older_16K']:.3f}", flush=True)
     out["variants"][spec] = {"policy": name, "args": kw, "rows": rows, "seconds": time.perf_counter() - t0}
 
-os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-with open(args.out, "w") as f:
-    json.dump(out, f, indent=1)
-try:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
-    for spec, v in out["variants"].items():
-        x = [r["tokens"] / 1024 for r in v["rows"]]
-        ax[0].plot(x, [r["quantiles"][2] for r in v["rows"]], marker="o", label=spec)
-        ax[1].plot(x, [r["older_4K"] for r in v["rows"]], marker="o", label=spec)
-    ax[0].set(xlabel="tokens streamed (K)", ylabel="median age held (tokens)", yscale="log")
-    ax[1].set(xlabel="tokens streamed (K)", ylabel="share held older than 4K")
-    ax[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(os.path.splitext(args.out)[0] + ".png", dpi=110)
-except ImportError:
-    pass
-print(f"wrote {args.out}")
+save(out, args.out)
