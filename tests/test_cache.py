@@ -120,7 +120,9 @@ def test_left_padded_batch_equals_rows_alone(model, policy):
         c1 = inf_mllm.enable(model, policy, **kw)
         o1 = model.generate(seq[None], **{CACHE_KW: c1}, max_new_tokens=12, do_sample=False, output_logits=True,
                             return_dict_in_generate=True, pad_token_id=0)
-        assert out.sequences[row, 70:].tolist() == o1.sequences[0, len(seq):].tolist()
+        alone = o1.sequences[0, len(seq):].tolist()  # stops at EOS; the batch row is padded after it
+        assert out.sequences[row, 70 : 70 + len(alone)].tolist() == alone
+        assert set(out.sequences[row, 70 + len(alone):].tolist()) <= {0}
         for lb, l1 in zip(out.logits, o1.logits):
             torch.testing.assert_close(lb[row], l1[0], atol=1e-4, rtol=1e-4)
     assert cache.lengths() != [0, 0]

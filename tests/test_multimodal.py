@@ -220,7 +220,10 @@ def test_min_text_slots_quota_model(frames):
 
 @pytest.mark.parametrize("quota,n_text", [(0, 10), (6, 10), (10, 10), (10, 4), (16, 30)])
 def test_min_text_slots_quota_synthetic(quota, n_text):
-    pol = make_policy("inf_mllm", budget=20, n_sink=2, n_recent=4, window=4, chunk=8, min_text_slots=quota)
+    # ranked by the scores alone (no novelty, no pooling: a pooled neighbour or a novel key could
+    # lift a text slot), so that "scored worst" means ranked worst under any accumulate mode
+    pol = make_policy("inf_mllm", budget=20, n_sink=2, n_recent=4, window=4, chunk=8, min_text_slots=quota,
+                      novelty=0, pool=1)
     lay = filled_buffers(B=1, H=2, C=48, lengths=(40,), policy=pol, modality=IMAGE)
     text_slots = torch.arange(5, 5 + n_text)
     lay.modality[0, :, text_slots] = TEXT
