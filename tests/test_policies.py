@@ -323,7 +323,7 @@ def test_inf_mllm_mean_ranks_by_credit_per_call_not_by_age():
                           pool=1, accumulate=mode)
         lay = filled_buffers(B=1, H=1, lengths=(6,), C=pol.capacity, policy=pol)
         lay.position[0, 0, :6] = torch.tensor([0, 10, 900, 1000, 1001, 1002], dtype=torch.int32)
-        lay.scores[0, 0, :6] = torch.tensor([1.0, 3.0, 0.0, 0.5, 1.0, 1.0])  # slot 1: old, 3.0; slot 3: 2 old, 0.5
+        lay.scores[0, 0, :6] = torch.tensor([1.0, 3.0, 0.0, 0.5, 1.0, 1.0])  # slot 1: age 992, score 3; slot 3: age 2, 0.5
         before = lay.scores.clone()
         rank = pol.rank(lay, [0])
         if mode == "mean":

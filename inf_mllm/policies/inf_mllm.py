@@ -18,8 +18,11 @@ What it keeps: sinks, the last ``n_recent`` tokens, and the best of the rest by 
 where ``novelty_j = -cos(k_j, mean direction of the cached keys)`` (key novelty, as in KeyDiff:
 a key unlike the others carries something the others do not; computed at eviction in
 ``O(C * D)`` from the stored keys, which are position-free in rolling mode) and ``z`` standardises
-over the candidate (middle) slots. The ranking is max-pooled over ``pool`` neighbouring slots
-when ``pool > 1``, so a phrase is kept or evicted together.
+over the candidate (middle) slots. With ``accumulate="mean"`` (the default) ``score`` there is the
+score over what a token of its age would hold at a constant attention per call (:meth:`_per_call`;
+the stored scores are unchanged), so a new token is not outranked merely for having lived through
+fewer calls; ``"sum"`` ranks by the scores as they are. The ranking is max-pooled over ``pool``
+neighbouring slots when ``pool > 1``, so a phrase is kept or evicted together.
 ``min_text_slots=N`` (multimodal quota, ours): after an eviction each KV head keeps at least
 ``min(N, text tokens held before it)`` text slots (sinks and recent count), so a stream of
 video frames cannot push out the text (question, instructions).
