@@ -61,24 +61,64 @@ def test_main_job_summary_and_time():
 
 
 # ---- README: the summary of the results -----------------------------------------------------
+def _correct(name: str, **where) -> tuple:
+    """(correct, cases) of the committed needle cases in ``name`` (a JSON's ``cases``, or the
+    ``case`` records of a ``.partial.jsonl``) that match ``where``."""
+    path = os.path.join(CPU, name)
+    if name.endswith(".jsonl"):
+        with open(path, encoding="utf-8") as f:
+            cases = [c for c in map(json.loads, f) if c.get("record") == "case"]
+    else:
+        cases = _json("cpu", name)["cases"]
+    got = [c for c in cases if all(c.get(k) == v for k, v in where.items())]
+    assert got, f"{name}: no case with {where}"
+    return sum(bool(c["correct"]) for c in got), len(got)
+
+
+def _ran_with_defaults(name: str, policy="inf_mllm", preset=("budget", "n_recent", "chunk")):
+    """Every ``policy`` row of ``name`` ran with the policy's current defaults (but the preset's)."""
+    from inf_mllm.policies import make_policy
+
+    want = {k: v for k, v in make_policy(policy).params.items() if k not in preset}
+    for r in _rows(_json("cpu", name), policy=policy):
+        a = r["args"]  # a budget in % of the context: one set of arguments per length ("@4K": {...})
+        for args in (a.values() if all(k.startswith("@") for k in a) else [a]):
+            assert {k: args[k] for k in want} == want, f"{name}: not the defaults of {policy}"
+
+
 def test_readme_results_summary():
-    nd = _json("cpu", "eval_needle_passkey_prose.json")
-
-    def hits(policy, budget=None):
-        (r,) = _rows(nd, policy=policy, budget=budget)
-        return round(r["acc"] * r["n"]), r["n"]
-
-    a256, n = hits("inf_mllm", 256)
-    a128, n2 = hits("inf_mllm", 128)
+    inf = "eval_needle_issue20_mean.json"  # the default's report-seed run (docs/results.md)
+    _ran_with_defaults(inf)
+    pk = {b: _correct(inf, kind="passkey", budget=b) for b in (256, 128)}
+    fa = {b: _correct(inf, kind="fact", budget=b) for b in (256, 128)}
+    full_pk = _correct("eval_needle_issue20_passkey.partial.jsonl", policy="full", kind="passkey")
+    full_fa = _correct("eval_needle_issue20_fact.partial.jsonl", policy="full", kind="fact")
+    base = {k: "eval_needle_issue20_%s_baselines.json" % k for k in ("passkey", "fact")}
+    sl = {(k, b): _correct(base[k], policy="streaming_llm", budget=b)[0] for k in base for b in (256, 128)}
+    others = [_correct(base["passkey"], policy=p, budget=b)[0] for p in ("h2o", "snapkv") for b in (256, 128)]
     got = _once("README.md", r"recalled by `inf_mllm` in (\d+) of (\d+) cases at a 256-slot budget and (\d+) of (\d+) at 128 "
-                r"\(`full` (\d+), `streaming_llm` (\d+) and (\d+), H2O/SnapKV/LOOK-M/TOVA (\d+)-(\d+);")
-    others = [hits(p, b)[0] for p in ("h2o", "snapkv", "look_m", "tova") for b in (256, 128)]
-    assert got == tuple(str(x) for x in (a256, n, a128, n2, hits("full")[0], hits("streaming_llm", 256)[0],
-                                         hits("streaming_llm", 128)[0], min(others), max(others)))
-    pd = _json("cpu", "eval_ppl_defaults.json")
-    (inf,), (sl,) = _rows(pd, policy="inf_mllm"), _rows(pd, policy="streaming_llm")
+                r"\(`full` (\d+), `streaming_llm` (\d+) and (\d+), SnapKV and H2O (\d+)-(\d+); seeds not used for "
+                r"tuning\), a one-word fact in (\d+) and (\d+) of (\d+) \(`full` (\d+), `streaming_llm` (\d+) and (\d+)\)")
+    assert got == tuple(str(x) for x in (*pk[256], *pk[128], full_pk[0], sl["passkey", 256], sl["passkey", 128],
+                                         min(others), max(others), fa[256][0], fa[128][0], fa[128][1], full_fa[0],
+                                         sl["fact", 256], sl["fact", 128]))
+    qi = ["eval_needle_issue20_qwen_mean.json", "eval_needle_issue20_qwen16K_mean.json"]
+    for name in qi:
+        _ran_with_defaults(name)
+    q = [sum(x) for x in zip(*(_correct(n, policy="inf_mllm") for n in qi))]
+    qf = [sum(x) for x in zip(*(_correct(n, policy="full") for n in ("eval_needle_issue20_qwen.json",
+                                                                         "eval_needle_issue20_qwen16K_a.json")))]
+    qs = sum(_correct(n, policy="streaming_llm")[0] for n in ("eval_needle_issue20_qwen.json",
+                                                              "eval_needle_issue20_qwen16K_a.json"))
+    qk = sum(_correct(n, policy="snapkv")[0] for n in ("eval_needle_issue20_qwen.json",
+                                                       "eval_needle_issue20_qwen16K_b.json"))
+    got = _once("README.md", r"`inf_mllm` keeps the key in (\d+) of (\d+) \(`full` (\d+), `streaming_llm` (\d+), SnapKV (\d+)\)")
+    assert got == tuple(str(x) for x in (q[0], q[1], qf[0], qs, qk)) and qf[1] == q[1]
+    (mean,) = _rows(_json("cpu", "eval_ppl_mean_32K.json"), policy="inf_mllm")
+    _ran_with_defaults("eval_ppl_mean_32K.json")
+    (sl32,) = _rows(_json("cpu", "eval_ppl_defaults.json"), policy="streaming_llm")
     pct = _once("README.md", r"perplexity over 32K tokens of Austen at budget 1024 is ([\d.]+)% above `streaming_llm`'s")
-    assert pct == f"{100 * (inf['ppl@32K'] / sl['ppl@32K'] - 1):.1f}"
+    assert pct == f"{100 * (mean['ppl@32K'] / sl32['ppl@32K'] - 1):.1f}"
     (m,) = _json("cpu", "eval_ppl_1M_austen_kjv.json")["rows"]
     assert m["tokens"] == 1 << 20
     assert _once("README.md", r"a 1M-token stream \(Austen, then the KJV\) runs in a constant (\d+) MiB cache") == f"{m['cache_MiB']:.0f}"
