@@ -13,7 +13,9 @@ and records, at every eviction of every layer, for every KV head:
   novelty that make the rank (``rank = pool(z(score) + novelty * z(nov))``), the z-scores of two
   signals the rank does not use (the value norm, VATP's factor, and minus the key norm, K-norm's), the cut (the lowest
   rank kept in the middle) and what outranked it: how many of the kept middle slots came from
-  before / after the needle, and their mean raw score, z(score) and z(nov);
+  before / after the needle, and their mean raw score, z(score) and z(nov) (under
+  ``accumulate="mean"``, the default, the rank standardises the score over its age factor, while
+  the recorded ``z(score)`` is of the raw score; the rank values and places are the policy's own);
 
 then asks the question and records the answer. Only tune seeds belong here (docs/method.md §9).
 The recorder wraps ``KVBuffers.compact`` (the only way tokens leave); nothing else changes.
