@@ -29,7 +29,7 @@ from typing import List, Optional, Union
 
 import torch
 
-from . import ops
+from . import ops, reference
 from ._compat import (Cache, CacheLayerMixin, attention_modules, find_rotary, get_attn_implementation, text_config,
                       unsupported_reason)
 from .buffers import KVBuffers
@@ -278,9 +278,14 @@ class StreamingLayer(CacheLayerMixin):
                                "slots used); probe at most one chunk, right after it")
         length, fed = buf.length.clone(), buf.fed.clone()
         buf.append(kn, vn, self.cache._modality)
-        gained = torch.zeros_like(buf.scores)
-        out = ops.attention_with_scores(q, buf.k, buf.v, buf.length, gained, scale=scaling, **rope, window=n,
-                                        bias=0.0, decay=1.0, check_values=False)
+        if pol.probe_reduce == "max":  # each slot's peak over the probe's queries and heads (KVzip's)
+            out = ops.attention_with_scores(q, buf.k, buf.v, buf.length, None, scale=scaling, **rope, window=0,
+                                            check_values=False)
+            gained = reference.probe_attention_max(q, buf.k, buf.length, scale=scaling, **rope)
+        else:
+            gained = torch.zeros_like(buf.scores)
+            out = ops.attention_with_scores(q, buf.k, buf.v, buf.length, gained, scale=scaling, **rope, window=n,
+                                            bias=0.0, decay=1.0, check_values=False)
         buf.length.copy_(length)
         buf.fed.copy_(fed)
         buf.lengths = before

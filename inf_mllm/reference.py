@@ -156,6 +156,35 @@ def attention_with_scores_ref(
     return out
 
 
+def probe_attention_max(q: torch.Tensor, k: torch.Tensor, length: torch.Tensor, *, scale: Optional[float] = None,
+                        cos=None, sin=None, inv_freq=None, rope_scale: float = 1.0, rope_pos=None,
+                        rope_sections=None) -> torch.Tensor:
+    """``[B, Hkv, C]`` float32: for every slot ``j < length[b]``, the largest attention probability any
+    of the ``n`` queries ``q [B, Hq, n, D]`` (at the row's last ``n`` slots, causal, RoPE as in
+    :func:`attention_with_scores_ref`) or any query head of its GQA group gives it; 0 past the length.
+    (A probe's per-slot peak, KVzip's max over queries and heads; not part of SPEC §4.1.)"""
+    B, Hq, n, D = q.shape
+    Hkv, C = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    scale = D ** -0.5 if scale is None else scale
+    out = torch.zeros(B, Hkv, C, dtype=torch.float32, device=q.device)
+    for b in range(B):
+        L = int(length[b])
+        qb, kb = q[b].float(), k[b, :, :L].float()
+        rot = _rope_for_row(b, L, n, torch.float32, cos, sin, inv_freq, rope_scale, rope_pos, rope_sections, q.device)
+        if rot is not None:
+            kc, ks, qc, qs = rot
+            kb = apply_rope(kb, kc, ks)
+            qb = apply_rope(qb, qc.repeat_interleave(G, dim=0) if qc.shape[0] > 1 else qc,
+                            qs.repeat_interleave(G, dim=0) if qs.shape[0] > 1 else qs)
+        logits = (qb.reshape(Hkv, G * n, D) @ kb.transpose(-1, -2)).reshape(Hkv, G, n, L) * scale
+        t = torch.arange(L - n, L, device=q.device)
+        causal = torch.arange(L, device=q.device)[None, :] <= t[:, None]  # [n, L]
+        p = torch.softmax(logits.masked_fill(~causal, float("-inf")), dim=-1)
+        out[b, :, :L] = p.amax(dim=(1, 2))
+    return out
+
+
 def compact_ref_(
     k: torch.Tensor,
     v: torch.Tensor,

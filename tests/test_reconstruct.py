@@ -53,6 +53,31 @@ def test_probe_below_budget_changes_only_the_scores(model):
     torch.testing.assert_close(model(step, **{CACHE_KW: plain}).logits, model(step, **{CACHE_KW: probed}).logits)
 
 
+def test_probe_max_credits_each_slot_its_peak_probe_attention(model):
+    """``probe="max"``: below budget the scores differ from r=0's by r times each slot's largest
+    attention from any probe query and any query head of its GQA group. Checked against the model's
+    own eager attention over the chunk fed twice (the probe's queries are the second copy's)."""
+    ids = _ids(16)
+    plain, probed = _cache(model), _cache(model, reconstruct=2.0, probe="max")
+    torch.testing.assert_close(inf_mllm.stream(model, ids, cache=plain), inf_mllm.stream(model, ids, cache=probed))
+    impl = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            att = model(torch.cat([ids, ids], 1), output_attentions=True, use_cache=False).attentions
+    finally:
+        model.set_attn_implementation(impl)
+    G = model.config.num_attention_heads // model.config.num_key_value_heads
+    for i, a in enumerate(att):
+        B, Hq = a.shape[:2]
+        peak = a[:, :, 16:, :16].reshape(B, Hq // G, G, 16, 16).amax(dim=(2, 3))
+        assert float(peak.max()) > 0.5
+        gained = probed.layers[i].buf.scores[:, :, :16] - plain.layers[i].buf.scores[:, :, :16]
+        torch.testing.assert_close(gained, 2.0 * peak, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="probe must be one of"):
+        _cache(model, reconstruct=1.0, probe="mean")
+
+
 def test_probe_over_budget_evicts_after_the_probe(model):
     """Over budget: the same number of evictions and slots as without probing, the chunk's tokens
     are evicted only after the probe (the capacity holds chunk + probe), the choice of kept tokens

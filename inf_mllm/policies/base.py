@@ -266,6 +266,12 @@ class Policy:
         attention to :meth:`probed`."""
         return False
 
+    @property
+    def probe_reduce(self) -> str:
+        """How a probe's attention reaches :meth:`probed`: ``"sum"`` over its queries (mean over the
+        GQA group), or ``"max"`` over its queries and the heads of the group."""
+        return "sum"
+
     def probed(self, buf, rows: Sequence[int], gained: torch.Tensor, n: int) -> None:
         """A probe of ``n`` queries (the chunk just fed, fed again) attended the layer's cache:
         ``gained [B, Hkv, C]`` float32 is their attention summed over the ``n`` queries (mean over

@@ -29,6 +29,8 @@ video frames cannot push out the text (question, instructions).
 ``reconstruct=r > 0`` (opt-in, about twice the prefill work): ``inf_mllm.stream`` feeds every chunk
 a second time as a probe that attends the cache (chunk included, nothing evicted yet) and writes
 nothing; its attention is added to the scores before the chunk's eviction (:meth:`probed`).
+``probe="max"`` credits each slot its largest attention from any probe query and query head (KVzip's
+reduction) instead of the probe's sum; neither kept the key better on the tune seeds (method.md §9.2).
 """
 import torch
 import torch.nn.functional as F
@@ -48,10 +50,11 @@ class InfMLLMPolicy(Policy):
     # bias_mode="absolute", bias=1e-3, novelty=0, pool=1, accumulate="sum"
     defaults = dict(budget=2048, n_sink=4, n_recent=256, window=32, bias=1.0, bias_mode="relative", h_life=1024.0,
                     novelty=2.0, pool=7, min_text_slots=0, accumulate="mean",
-                    key_signal="novelty", layer_slope=0.0, reconstruct=0.0)
+                    key_signal="novelty", layer_slope=0.0, reconstruct=0.0, probe="sum")
 
     ACCUMULATE = ("sum", "peak", "mean")
     KEY_SIGNALS = ("novelty", "leverage")
+    PROBES = ("sum", "max")
 
     def validate(self):
         p = self.params
@@ -70,6 +73,8 @@ class InfMLLMPolicy(Policy):
             raise ValueError(f"inf_mllm: key_signal must be one of {self.KEY_SIGNALS}, got {p['key_signal']!r}")
         check_number("layer_slope", p["layer_slope"], -0.95, 0.95)
         check_number("reconstruct", p["reconstruct"], 0.0)
+        if p["probe"] not in self.PROBES:
+            raise ValueError(f"inf_mllm: probe must be one of {self.PROBES}, got {p['probe']!r}")
         if p["accumulate"] == "peak" and not p["h_life"] > 0:
             raise ValueError("inf_mllm: accumulate='peak' needs persistent scores (h_life > 0)")
         self._prev = {}  # accumulate="peak": id(buf) -> the decayed scores before the call (scoring -> due)
@@ -127,12 +132,24 @@ class InfMLLMPolicy(Policy):
         (``sum``: ``r * min(window, n) / n`` times the probe's sum over its ``n`` queries is added;
         ``peak``: a slot keeps the larger of its score and ``r`` times the probe's mean per query).
         A token that the text's own continuation would need to reproduce it is credited before it
-        can be evicted."""
+        can be evicted. ``probe="max"``: ``gained`` is each slot's peak probability over the probe's
+        queries and heads; ``r`` times it is added (``peak``: the larger of the score and it is kept)."""
         idx = list(rows)
+        r = self.params["reconstruct"]
+        if self.params["probe"] == "max":  # gained: each slot's peak probability over the probe
+            if self.params["accumulate"] == "peak":
+                buf.scores[idx] = torch.maximum(buf.scores[idx], gained[idx] * r)
+            else:
+                buf.scores[idx] += gained[idx] * r
+            return
         if self.params["accumulate"] == "peak":
             buf.scores[idx] = torch.maximum(buf.scores[idx], gained[idx] * (self.params["reconstruct"] / max(n, 1)))
         else:
             buf.scores[idx] += gained[idx] * (self.params["reconstruct"] * min(self.window, n) / max(n, 1))
+
+    @property
+    def probe_reduce(self) -> str:
+        return self.params["probe"]
 
     # -- per-layer budgets (opt-in) ------------------------------------------------------------
     @property
