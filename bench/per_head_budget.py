@@ -44,8 +44,7 @@ from inf_mllm.reference import _rope_for_row, apply_rope  # noqa: E402
 ALLOCS = ("uniform", "z", "raw")
 
 
-@register_policy
-class HeadwiseInfMLLM(InfMLLMPolicy):
+class HeadwiseInfMLLM(InfMLLMPolicy):  # registered by main() only, so importing it changes no policy list
     name = "inf_mllm_hw"
     defaults = dict(InfMLLMPolicy.defaults, alloc="z", head_cap=0, prior=0.0, head_floor=0.0)
 
@@ -239,6 +238,7 @@ def main():
     p.add_argument("--head-floor", type=float, default=0.0, help="each head's own best first: this fraction of its middle slots")
     p.add_argument("--prior", default="", help="weights of the insertion prior to sweep (under the one --alloc)")
     a = p.parse_args(argv[:cut])
+    register_policy(HeadwiseInfMLLM)
     ops.attention_with_scores = masked_attention
     from inf_mllm.cli import main as cli
 
