@@ -255,10 +255,13 @@ def test_window_policies_refuse_n_recent(name):
         make_policy(name, budget=64, n_recent=16)
 
 
-def test_inf_mllm_novelty_ranking_equals_plain_recomputation():
-    # rank = z(scores / lived) + w * z(-cos(k, mean direction)) over the middle slots, then max-pooled,
-    # lived = 1 - 2^(-(age + window) / h_life) (the default accumulate="mean"; 1 under "sum")
-    pol = make_policy("inf_mllm", budget=10, n_sink=2, n_recent=3, window=4, chunk=8, h_life=64, novelty=1.5, pool=3)
+@pytest.mark.parametrize("novelty_life", [0.0, 16.0])
+def test_inf_mllm_novelty_ranking_equals_plain_recomputation(novelty_life):
+    # rank = z(scores / lived) + w * z(-cos(k, mean direction)) * fade over the middle slots, then
+    # max-pooled, lived = 1 - 2^(-(age + window) / h_life) (the default accumulate="mean"; 1 under
+    # "sum"), fade = 2^(-age / novelty_life) (1 with novelty_life=0, the default)
+    pol = make_policy("inf_mllm", budget=10, n_sink=2, n_recent=3, window=4, chunk=8, h_life=64, novelty=1.5, pool=3,
+                      novelty_life=novelty_life)
     assert pol.params["accumulate"] == "mean"
     lay = filled_buffers(B=2, H=2, lengths=(24, 9), C=24, policy=pol, seed=3)
     got = pol.rank(lay, [0])
@@ -272,7 +275,8 @@ def test_inf_mllm_novelty_ranking_equals_plain_recomputation():
         return (x - m.mean(-1, keepdim=True)) / m.std(-1, keepdim=True)
 
     age = 23 - torch.arange(24, dtype=torch.float64)  # positions 0..23, the newest 23
-    comb = z(lay.scores[0, :, :24].double() / (1 - 2.0 ** (-(age + 4) / 64))) + 1.5 * z(nov)
+    fade = 2.0 ** (-age / novelty_life) if novelty_life else 1.0
+    comb = z(lay.scores[0, :, :24].double() / (1 - 2.0 ** (-(age + 4) / 64))) + 1.5 * z(nov) * fade
     pooled = torch.stack([comb[:, max(0, j - 1) : j + 2].max(-1).values for j in range(24)], -1)
     torch.testing.assert_close(got[0, :, :24].double(), pooled, atol=1e-5, rtol=1e-5)
     # eviction keeps sinks, recent and the best 5 by that ranking

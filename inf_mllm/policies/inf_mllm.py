@@ -18,7 +18,10 @@ What it keeps: sinks, the last ``n_recent`` tokens, and the best of the rest by 
 where ``novelty_j = -cos(k_j, mean direction of the cached keys)`` (key novelty, as in KeyDiff:
 a key unlike the others carries something the others do not; computed at eviction in
 ``O(C * D)`` from the stored keys, which are position-free in rolling mode) and ``z`` standardises
-over the candidate (middle) slots. With ``accumulate="mean"`` (the default) ``score`` there is the
+over the candidate (middle) slots; with ``novelty_life=L > 0`` (opt-in; the default 0 does not
+fade) the novelty term of a token ``age`` stream tokens old is weighed by ``2 ** (-age / L)``, so
+an outlier key does not stay for ever on its novelty alone: less perplexity drift, but on
+Qwen2.5-Coder-0.5B the distant pass keys were lost (method.md §9.3). With ``accumulate="mean"`` (the default) ``score`` there is the
 score over what a token of its age would hold at a constant attention per call (:meth:`_per_call`;
 the stored scores are unchanged), so a new token is not outranked merely for having lived through
 fewer calls; ``"sum"`` ranks by the scores as they are. The ranking is max-pooled over ``pool``
@@ -47,10 +50,11 @@ class InfMLLMPolicy(Policy):
     positions = ROLLING
     # bias/bias_mode/h_life/novelty/pool/accumulate: chosen on the needle evaluation's tune seeds and
     # on streaming perplexity (docs/method.md, "Defaults" and §9.3); the first version is h_life=0,
-    # bias_mode="absolute", bias=1e-3, novelty=0, pool=1, accumulate="sum"
+    # bias_mode="absolute", bias=1e-3, novelty=0, pool=1, accumulate="sum"; novelty_life stays 0,
+    # against the rule's pick, because fading novelty lost the distant keys on Qwen (method.md §9.3)
     defaults = dict(budget=2048, n_sink=4, n_recent=256, window=32, bias=1.0, bias_mode="relative", h_life=1024.0,
                     novelty=2.0, pool=7, min_text_slots=0, accumulate="mean",
-                    key_signal="novelty", layer_slope=0.0, reconstruct=0.0, probe="sum")
+                    key_signal="novelty", layer_slope=0.0, reconstruct=0.0, probe="sum", novelty_life=0.0)
 
     ACCUMULATE = ("sum", "peak", "mean")
     KEY_SIGNALS = ("novelty", "leverage")
@@ -64,6 +68,7 @@ class InfMLLMPolicy(Policy):
             raise ValueError(f"inf_mllm: bias_mode must be one of {BIAS_MODES}, got {p['bias_mode']!r}")
         check_number("h_life", p["h_life"], 0.0)
         check_number("novelty", p["novelty"], 0.0)
+        check_number("novelty_life", p["novelty_life"], 0.0)
         check_int("pool", p["pool"], 1)
         if p["pool"] % 2 == 0:
             raise ValueError(f"inf_mllm: pool must be odd, got {p['pool']}")
@@ -224,7 +229,11 @@ class InfMLLMPolicy(Policy):
             if w and hi - lo > 1:
                 kb = buf.k[b, :, :T]
                 nov = key_leverage(kb) if self.params["key_signal"] == "leverage" else key_novelty(kb)
-                r[b, :, :T] = _standardise(r[b, :, :T], lo, hi) + w * _standardise(nov, lo, hi)
+                zn = _standardise(nov, lo, hi)
+                if self.params["novelty_life"] > 0:  # novelty fades with age: a stale outlier key is let go
+                    pos = buf.position[b, :, :T].double()
+                    zn = (zn * torch.exp2(-(pos[:, T - 1 : T] - pos) / self.params["novelty_life"])).float()
+                r[b, :, :T] = _standardise(r[b, :, :T], lo, hi) + w * zn
         return max_pool_slots(r, k) if k > 1 else r
 
     def _per_call(self, buf, b, T):
