@@ -39,7 +39,7 @@ from inf_mllm.buffers import OWNER_ATTR  # noqa: E402
 from inf_mllm.policies.base import register_policy  # noqa: E402
 from inf_mllm.policies.inf_mllm import InfMLLMPolicy, _standardise, key_novelty  # noqa: E402
 from inf_mllm.policies.snapkv import max_pool_slots  # noqa: E402
-from inf_mllm.reference import _rope_for_row, apply_rope  # noqa: E402
+from inf_mllm.reference import apply_rope, rotate_row  # noqa: E402
 
 ALLOCS = ("uniform", "z", "raw")
 
@@ -169,11 +169,9 @@ def masked_attention(q, k, v, length, scores=None, *, scale=None, window=32, bia
     for b in range(B):
         L = int(length[b])
         t = torch.arange(L - n, L)
-        qb, kb, vb = q[b].float(), k[b, :, :L].float(), v[b, :, :L].float()
-        rot = _rope_for_row(b, L, n, torch.float32, cos, sin, inv_freq, rope_scale, rope_pos, rope_sections, q.device)
-        if rot is not None:
-            kc, ks, qc, qs = rot
-            kb, qb = apply_rope(kb, kc, ks), apply_rope(qb, qc, qs)
+        vb = v[b, :, :L].float()
+        qb, kb = rotate_row(q[b].float(), k[b, :, :L].float(), b, L, n, G, cos, sin, inv_freq, rope_scale, rope_pos,
+                            rope_sections)
         j = torch.arange(L)
         ok = (j[None, None, :] <= t[None, :, None]) & (j[None, None, :] >= hole[b][:, None, None])  # [Hkv, n, L]
         ok = ok.repeat_interleave(G, dim=0)

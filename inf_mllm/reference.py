@@ -83,6 +83,18 @@ def _rope_for_row(b: int, L: int, n: int, dtype, cos, sin, inv_freq, rope_scale,
     return kc, ks, kc[:, L - n :], ks[:, L - n :]
 
 
+def rotate_row(qb, kb, b: int, L: int, n: int, G: int, cos=None, sin=None, inv_freq=None, rope_scale: float = 1.0,
+               rope_pos=None, rope_sections=None):
+    """Row ``b``'s queries ``qb [Hq, n, D]`` and keys ``kb [Hkv, L, D]`` rotated at their slots (or
+    stored positions) as the operators do, in the dtype of ``qb``; unchanged without RoPE."""
+    rot = _rope_for_row(b, L, n, qb.dtype, cos, sin, inv_freq, rope_scale, rope_pos, rope_sections, qb.device)
+    if rot is None:
+        return qb, kb
+    kc, ks, qc, qs = rot
+    return (apply_rope(qb, qc.repeat_interleave(G, dim=0) if qc.shape[0] > 1 else qc,
+                       qs.repeat_interleave(G, dim=0) if qs.shape[0] > 1 else qs), apply_rope(kb, kc, ks))
+
+
 def attention_with_scores_ref(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -128,12 +140,7 @@ def attention_with_scores_ref(
         qb = q[b]  # [Hq, n, D]
         kb = k[b, :, :L]  # [Hkv, L, D]
         vb = v[b, :, :L]
-        rot = _rope_for_row(b, L, n, qb.dtype, cos, sin, inv_freq, rope_scale, rope_pos, rope_sections, q.device)
-        if rot is not None:
-            kc, ks, qc, qs = rot
-            kb = apply_rope(kb, kc, ks)
-            qb = apply_rope(qb, qc.repeat_interleave(G, dim=0) if qc.shape[0] > 1 else qc,
-                            qs.repeat_interleave(G, dim=0) if qs.shape[0] > 1 else qs)
+        qb, kb = rotate_row(qb, kb, b, L, n, G, cos, sin, inv_freq, rope_scale, rope_pos, rope_sections)
         kb = kb.repeat_interleave(G, dim=0)  # [Hq, L, D]
         vb = vb.repeat_interleave(G, dim=0)
         logits = (qb @ kb.transpose(-1, -2)) * scale  # [Hq, n, L]
@@ -170,13 +177,8 @@ def probe_attention_max(q: torch.Tensor, k: torch.Tensor, length: torch.Tensor, 
     out = torch.zeros(B, Hkv, C, dtype=torch.float32, device=q.device)
     for b in range(B):
         L = int(length[b])
-        qb, kb = q[b].float(), k[b, :, :L].float()
-        rot = _rope_for_row(b, L, n, torch.float32, cos, sin, inv_freq, rope_scale, rope_pos, rope_sections, q.device)
-        if rot is not None:
-            kc, ks, qc, qs = rot
-            kb = apply_rope(kb, kc, ks)
-            qb = apply_rope(qb, qc.repeat_interleave(G, dim=0) if qc.shape[0] > 1 else qc,
-                            qs.repeat_interleave(G, dim=0) if qs.shape[0] > 1 else qs)
+        qb, kb = rotate_row(q[b].float(), k[b, :, :L].float(), b, L, n, G, cos, sin, inv_freq, rope_scale, rope_pos,
+                            rope_sections)
         logits = (qb.reshape(Hkv, G * n, D) @ kb.transpose(-1, -2)).reshape(Hkv, G, n, L) * scale
         t = torch.arange(L - n, L, device=q.device)
         causal = torch.arange(L, device=q.device)[None, :] <= t[:, None]  # [n, L]
