@@ -148,9 +148,9 @@ class InfMLLMPolicy(Policy):
                 buf.scores[idx] += gained[idx] * r
             return
         if self.params["accumulate"] == "peak":
-            buf.scores[idx] = torch.maximum(buf.scores[idx], gained[idx] * (self.params["reconstruct"] / max(n, 1)))
+            buf.scores[idx] = torch.maximum(buf.scores[idx], gained[idx] * (r / max(n, 1)))
         else:
-            buf.scores[idx] += gained[idx] * (self.params["reconstruct"] * min(self.window, n) / max(n, 1))
+            buf.scores[idx] += gained[idx] * (r * min(self.window, n) / max(n, 1))
 
     @property
     def probe_reduce(self) -> str:
