@@ -39,8 +39,8 @@ from inf_mllm.data import load_corpus  # noqa: E402
 from inf_mllm.evals.engine import PolicyRunner, load_bundle  # noqa: E402
 from inf_mllm.evals.needle import PRESETS, _ask, judge, parse_depths, plan_cases  # noqa: E402
 from inf_mllm.policies.base import register_policy  # noqa: E402
-from inf_mllm.reference import rotate_row  # noqa: E402
 import kvzip_stream as kzs  # noqa: E402
+import per_head_budget as ph  # noqa: E402
 
 _op = ops.attention_with_scores
 
@@ -57,22 +57,12 @@ def dropped_attention(q, k, v, length, scores=None, *, scale=None, window=32, bi
         return _op(q, k, v, length, scores, scale=scale, window=window, bias=bias, cos=cos, sin=sin,
                    bias_mode=bias_mode, decay=decay, inv_freq=inv_freq, rope_scale=rope_scale, rope_pos=rope_pos,
                    rope_sections=rope_sections, check_values=check_values)
-    B, Hq, n, D = q.shape
-    Hkv = k.shape[1]
-    G = Hq // Hkv
-    scale = D ** -0.5 if scale is None else scale
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
     out = torch.zeros_like(q)
-    for b in range(B):
+    for b in range(q.shape[0]):
         L = int(length[b])
-        t = torch.arange(L - n, L)
-        qb, kb = rotate_row(q[b].float(), k[b, :, :L].float(), b, L, n, G, cos, sin, inv_freq, rope_scale, rope_pos,
-                            rope_sections)
-        j = torch.arange(L)
-        ok = (j[None, None, :] <= t[None, :, None]) & ~drop[b, :, None, :L]  # [Hkv, n, L]
-        ok = ok.repeat_interleave(G, dim=0)
-        logits = (qb @ kb.repeat_interleave(G, 0).transpose(-1, -2)) * scale
-        p = torch.softmax(logits.masked_fill(~ok, float("-inf")), dim=-1)
-        out[b] = (p @ v[b, :, :L].float().repeat_interleave(G, 0)).to(q.dtype)
+        out[b] = ph.attend_row(q, k, v, b, L, drop[b, :, :L], scale,
+                               (cos, sin, inv_freq, rope_scale, rope_pos, rope_sections))[0].to(q.dtype)
     return out
 
 

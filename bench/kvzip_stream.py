@@ -27,12 +27,13 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from inf_mllm import ops  # noqa: E402
 from inf_mllm.cache import StreamingCache, StreamingLayer  # noqa: E402
 from inf_mllm.policies.base import register_policy  # noqa: E402
 from inf_mllm.policies.inf_mllm import InfMLLMPolicy, _standardise  # noqa: E402
-from inf_mllm.reference import rotate_row  # noqa: E402
+import per_head_budget as ph  # noqa: E402
 
 PROMPT = "\n\nRepeat the previous context exactly.\n"
 
@@ -114,25 +115,19 @@ def kz_probe(self, q, kn, vn, scaling, rope):
     buf.append(kn, vn, self.cache._modality)
     out = ops.attention_with_scores(q, buf.k, buf.v, buf.length, None, scale=scaling, **rope, window=0,
                                     check_values=False)
-    B, Hq, _, D = q.shape
     Hkv = buf.k.shape[1]
-    G = Hq // Hkv
+    rope_args = tuple(rope.get(name, default) for name, default in
+                      (("cos", None), ("sin", None), ("inv_freq", None), ("rope_scale", 1.0), ("rope_pos", None),
+                       ("rope_sections", None)))
     gained = torch.zeros_like(buf.scores)
-    for b in range(B):
+    for b in range(q.shape[0]):
         L = before[b] + n
-        qb, kb = rotate_row(q[b].float(), buf.k[b, :, :L].float(), b, L, n, G, rope.get("cos"), rope.get("sin"),
-                            rope.get("inv_freq"), rope.get("rope_scale", 1.0), rope.get("rope_pos"),
-                            rope.get("rope_sections"))
-        logits = (qb.reshape(Hkv, G * n, D) @ kb.transpose(-1, -2)).reshape(Hkv, G, n, L) * scaling
-        t = torch.arange(L - n, L)
-        allowed = (torch.arange(L)[None, :] <= t[:, None])[None, None]  # causal [1, 1, n, L]
-        if pol.params["local"]:
-            keep = torch.ones(Hkv, L, dtype=torch.bool)
-            keep[:, : before[b]] = pol.chunk_slots(buf, b, before[b])
-            keep[:, : pol.n_sink] = True
-            allowed = allowed & keep[:, None, None, :]
-        p = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1)
-        gained[b, :, :L] = p.amax(dim=(1, 2))
+        excluded = torch.zeros(Hkv, L, dtype=torch.bool)
+        if pol.params["local"]:  # KVzip's subsampled softmax: sinks + the chunk + the probe
+            excluded[:, : before[b]] = ~pol.chunk_slots(buf, b, before[b])
+            excluded[:, : pol.n_sink] = False
+        p = ph.attend_row(q, buf.k, buf.v, b, L, excluded, scaling, rope_args)[1]
+        gained[b, :, :L] = p.reshape(Hkv, -1, n, L).amax(dim=(1, 2))
     buf.length.copy_(length)
     buf.fed.copy_(fed)
     buf.lengths = before

@@ -166,18 +166,12 @@ def masked_attention(q, k, v, length, scores=None, *, scale=None, window=32, bia
     G = Hq // Hkv
     scale = D ** -0.5 if scale is None else scale
     out = torch.zeros_like(q)
+    rope = (cos, sin, inv_freq, rope_scale, rope_pos, rope_sections)
     for b in range(B):
         L = int(length[b])
-        t = torch.arange(L - n, L)
-        vb = v[b, :, :L].float()
-        qb, kb = rotate_row(q[b].float(), k[b, :, :L].float(), b, L, n, G, cos, sin, inv_freq, rope_scale, rope_pos,
-                            rope_sections)
-        j = torch.arange(L)
-        ok = (j[None, None, :] <= t[None, :, None]) & (j[None, None, :] >= hole[b][:, None, None])  # [Hkv, n, L]
-        ok = ok.repeat_interleave(G, dim=0)
-        logits = (qb @ kb.repeat_interleave(G, 0).transpose(-1, -2)) * scale
-        p = torch.softmax(logits.masked_fill(~ok, float("-inf")), dim=-1)
-        out[b] = (p @ vb.repeat_interleave(G, 0)).to(q.dtype)
+        t, j = torch.arange(L - n, L), torch.arange(L)
+        ob, p, ok = attend_row(q, k, v, b, L, j[None, :] < hole[b][:, None], scale, rope)
+        out[b] = ob.to(q.dtype)
         if scores is not None and window > 0:
             scores[b, :, :L] *= decay
             for i in range(max(0, n - window), n):
@@ -188,6 +182,20 @@ def masked_attention(q, k, v, length, scores=None, *, scale=None, window=32, bia
                 row = row * ok[::G, i, : ti + 1]
                 scores[b, :, : ti + 1] += row
     return out
+
+
+def attend_row(q, k, v, b, L, excluded, scale, rope):
+    """Row ``b`` of SPEC §4.1's attention (causal, RoPE as the operators), its ``excluded [Hkv, L]``
+    slots masked out: ``(out [Hq, n, D] float32, p [Hq, n, L], ok [Hq, n, L])``. ``rope``: ``(cos,
+    sin, inv_freq, rope_scale, rope_pos, rope_sections)``. Shared by the emulations of bench/."""
+    Hq, n = q.shape[1], q.shape[2]
+    G = Hq // k.shape[1]
+    t, j = torch.arange(L - n, L), torch.arange(L)
+    qb, kb = rotate_row(q[b].float(), k[b, :, :L].float(), b, L, n, G, *rope)
+    ok = ((j[None, None, :] <= t[None, :, None]) & ~excluded[:, None, :]).repeat_interleave(G, dim=0)
+    logits = (qb @ kb.repeat_interleave(G, 0).transpose(-1, -2)) * scale
+    p = torch.softmax(logits.masked_fill(~ok, float("-inf")), dim=-1)
+    return p @ v[b, :, :L].float().repeat_interleave(G, 0), p, ok
 
 
 def insertion_prior(buf, q, length, scale, cos, sin, inv_freq, rope_scale):
