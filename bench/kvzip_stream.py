@@ -72,18 +72,14 @@ class KVzipStream(InfMLLMPolicy):
         self._upto[id(buf)] = buf.fed.clone()
 
     def evict(self, buf, rows, **kw):
-        """The shared eviction, then ``kz`` gathered to where its tokens went (``compact`` moves only
-        SPEC's slot tensors): each head's slots stay in stream order, so a token is found by its
-        position."""
-        kz = self.kz(buf)
-        old_pos, old_kz, old_len = buf.position.clone(), kz.clone(), list(buf.lengths)
+        """The shared eviction (``kz`` is a registered slot tensor: it moves with its tokens); the
+        slots freed past the new length are cleared, so a token never probed ranks at 0."""
+        old_len = list(buf.lengths)
         out = super().evict(buf, rows, **kw)
+        kz = self.kz(buf)
         for b in rows:
-            L, T = buf.lengths[b], old_len[b]
-            if L != T:
-                idx = torch.searchsorted(old_pos[b, :, :T].long().contiguous(), buf.position[b, :, :L].long().contiguous())
-                kz[b, :, :L] = old_kz[b, :, :T].gather(-1, idx)
-                kz[b, :, L:] = 0
+            if buf.lengths[b] != old_len[b]:
+                kz[b, :, buf.lengths[b]:] = 0
         return out
 
     def rank(self, buf, rows):

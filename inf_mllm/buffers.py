@@ -278,8 +278,8 @@ class KVBuffers:
         groups = [slice(0, self.batch)] if rows == over_all else [slice(b, b + 1) for b in rows]
         for g in groups:
             extras = [self.modality[g], self.position[g]]
-            if self.mrope:
-                extras += [getattr(self, name)[g] for name in self.SLOT_TENSORS[len(KVBuffers.SLOT_TENSORS):]]
+            # every other registered slot tensor (M-RoPE's positions, a policy's own) moves with its token
+            extras += [getattr(self, name)[g] for name in self.SLOT_TENSORS[len(KVBuffers.SLOT_TENSORS):]]
             if rank is None:
                 by, reset = self.scores[g], not keep_scores
             else:
