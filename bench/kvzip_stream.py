@@ -30,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from inf_mllm import ops  # noqa: E402
+from inf_mllm._compat import CACHE_KW  # noqa: E402
 from inf_mllm.cache import StreamingCache, StreamingLayer  # noqa: E402
 from inf_mllm.policies.base import register_policy  # noqa: E402
 from inf_mllm.policies.inf_mllm import InfMLLMPolicy, _standardise  # noqa: E402
@@ -140,8 +141,8 @@ _prompt_ids = {}
 def with_prompt(forward):
     """The model's forward, with KVzip's instruction put before every probe's tokens."""
 
-    def f(self, input_ids=None, past_key_values=None, **kw):
-        cache = past_key_values
+    def f(self, input_ids=None, **kw):
+        cache = kw.get(CACHE_KW)  # "cache" from transformers 5.24 on, "past_key_values" before
         if isinstance(cache, StreamingCache) and cache._probing is not None and input_ids is not None:
             if kw.get("attention_mask") is not None or kw.get("position_ids") is not None:
                 raise ValueError("kvzip_stream: --prompt takes unpadded rows")
@@ -153,7 +154,7 @@ def with_prompt(forward):
                 _prompt_ids[key] = torch.tensor([tok.encode(PROMPT, add_special_tokens=False)])
             ids = _prompt_ids[key].to(input_ids.device).expand(input_ids.shape[0], -1)
             input_ids = torch.cat([ids, input_ids], 1)
-        return forward(self, input_ids=input_ids, past_key_values=past_key_values, **kw)
+        return forward(self, input_ids=input_ids, **kw)
 
     return f
 

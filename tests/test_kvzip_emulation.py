@@ -71,6 +71,27 @@ def test_fixed_insertion_score_streams_exactly(kzs, monkeypatch):
         torch.testing.assert_close(kept.kz[0, h, :L], full.kz[0, h, torch.tensor(pos)])
 
 
+def test_prompt_goes_before_every_probe_and_nowhere_else(kzs, monkeypatch):
+    """``--prompt``: the probe forwards get KVzip's instruction in front of the chunk (found by the
+    cache keyword of the installed transformers); the forwards that feed the stream do not."""
+    model = tiny_llama(n_layers=2)
+    seen = []
+    cls = type(model)
+    orig = cls.forward
+
+    def record(self, input_ids=None, **kw):
+        seen.append((input_ids.shape[1], kw[inf_mllm._compat.CACHE_KW]._probing is not None))
+        return orig(self, input_ids=input_ids, **kw)
+
+    monkeypatch.setattr(cls, "forward", kzs.with_prompt(record))
+    monkeypatch.setitem(kzs._prompt_ids, model.config.name_or_path, torch.tensor([[5, 6, 7]]))
+    monkeypatch.setattr(StreamingLayer, "_probe", kzs.kz_probe)
+    cache = inf_mllm.enable(model, kzs.KVzipStream(budget=20, n_recent=4, n_sink=0, window=4, chunk=8,
+                                                  prompt_len=3))
+    inf_mllm.stream(model, torch.randint(0, 128, (1, 32), generator=torch.Generator().manual_seed(0)), cache=cache)
+    assert seen == [(8, False), (11, True)] * 4
+
+
 def test_dropped_attention_is_attention_over_the_kept_slots(sel):
     """Without RoPE, dropping middle slots of one head equals the operator on that head's buffer with
     those slots removed; the other heads equal the operator on the whole buffer."""
