@@ -123,6 +123,9 @@ def kz_probe(self, q, kn, vn, scaling, rope):
         if pol.params["local"]:  # KVzip's subsampled softmax: sinks + the chunk + the probe
             excluded[:, : before[b]] = ~pol.chunk_slots(buf, b, before[b])
             excluded[:, : pol.n_sink] = False
+        drop = getattr(buf, "drop", None)  # bench/kvzip_select.py --stream: a dropped slot is gone
+        if drop is not None:
+            excluded[:, : before[b]] |= drop[b, :, : before[b]]
         p = ph.attend_row(q, buf.k, buf.v, b, L, excluded, scaling, rope_args)[1]
         gained[b, :, :L] = p.reshape(Hkv, -1, n, L).amax(dim=(1, 2))
     buf.length.copy_(length)

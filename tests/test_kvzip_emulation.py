@@ -118,8 +118,9 @@ def test_dropped_attention_is_attention_over_the_kept_slots(sel):
 
 
 def test_selections_keep_their_budget(sel):
-    """uniform: ``mid`` middle slots per head; global: ``layers x heads x mid`` in all, given to the
-    heads whose scores run highest; sinks and recent are never dropped."""
+    """uniform: ``mid`` middle slots per head; layer: ``heads x mid`` per layer; global: ``layers x
+    heads x mid`` in all, given to the heads whose scores run highest; layerbudget: the global cut's
+    count per layer, split equally over its heads; sinks and recent are never dropped."""
     g = torch.Generator().manual_seed(1)
     nl, H, T, mid = 2, 3, 40, 5
     bufs = []
@@ -134,5 +135,44 @@ def test_selections_keep_their_budget(sel):
     keep = sel.select(bufs, "global", T, 2, 4, mid)
     assert int(keep.sum()) == nl * H * mid
     assert int(keep[1, 2].sum()) == nl * H * mid  # that head takes every slot (it has 34 candidates)
+    keep = sel.select(bufs, "layer", T, 2, 4, mid)
+    assert keep.sum((-1, -2)).eq(H * mid).all() and int(keep[1, 2].sum()) == H * mid
+    keep = sel.select(bufs, "layerbudget", T, 2, 4, mid)  # layer 1 holds the whole global cut
+    assert int(keep[0].sum()) == 0 and keep[1].sum(-1).eq(nl * mid).all()
+    bufs[1].kz[0, 2] -= 1.0
+    for seed in range(5):  # counts per layer not divisible by the heads: the remainders still fill the budget
+        for b in bufs:
+            b.kz = torch.rand(1, H, 48, generator=g)
+        keep = sel.select(bufs, "layerbudget", T, 2, 4, mid)
+        per_head = keep.sum(-1)
+        assert int(keep.sum()) == nl * H * mid and (per_head == per_head[:, :1]).all()
     for b in bufs:
         assert not bool(b.drop[0, :, :2].any()) and not bool(b.drop[0, :, T - 4 :].any())
+
+
+def test_streamed_cut_keeps_the_pooled_budget_and_never_readmits(sel):
+    """--stream: after every chunk the middle slots still there are cut to ``layers x heads x mid``
+    over all heads and layers; a dropped slot stays dropped even when its score is the best later."""
+    g = torch.Generator().manual_seed(2)
+    nl, H, mid, n_sink, n_recent = 2, 3, 4, 2, 3
+    bufs = []
+    for _ in range(nl):
+        b = type("Buf", (), {})()
+        b.kz = torch.zeros(1, H, 64)
+        b.scores = torch.zeros(1, H, 64)
+        bufs.append(b)
+    T = 0
+    for step in range(4):
+        T += 8
+        for b in bufs:
+            b.kz[0, :, T - 8 : T] = torch.rand(H, 8, generator=g)
+        dropped = [b.drop.clone() for b in bufs] if step else None
+        sel.cut_stream(bufs, T, n_sink, n_recent, mid)
+        alive = torch.stack([~b.drop[0, :, n_sink : T - n_recent] for b in bufs])
+        assert int(alive.sum()) == min(nl * H * mid, nl * H * (T - n_sink - n_recent))
+        for b in bufs:
+            assert not bool(b.drop[0, :, :n_sink].any()) and not bool(b.drop[0, :, T - n_recent :].any())
+        if dropped is not None:
+            for b, d in zip(bufs, dropped):
+                assert bool(b.drop[d].all())
+                b.kz[d] = 10.0  # a dropped slot's score rises above all: it still does not come back
