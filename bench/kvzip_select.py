@@ -152,13 +152,15 @@ def main():
     p.add_argument("--stream", action="store_true",
                    help="cut over all heads and layers after every chunk, the chunks after it seeing only what "
                         "was kept (a stream with original positions); only with --select global")
+    p.add_argument("--report", action="store_true", help="allow report seeds (the run pre-registered in method.md §9.4)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="bench/results/cpu/tune/kvzip_select.json")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     seeds = [int(s) for s in a.seeds.split(",")]
-    if any(2000 <= s < 3000 for s in seeds):
-        sys.exit("kvzip_select: report seeds (2000+) are not for diagnosis; use tune seeds (1000+)")
+    if any(2000 <= s < 3000 for s in seeds) and not a.report:
+        sys.exit("kvzip_select: report seeds (2000+) are not for diagnosis; use tune seeds (1000+), or --report "
+                 "for the run pre-registered in method.md §9.4")
     register_policy(kzs.KVzipStream)
     StreamingLayer._probe = kzs.kz_probe
     ops.attention_with_scores = dropped_attention
