@@ -23,6 +23,7 @@ def enable(
     bias: Optional[float] = None,
     n_sink: Optional[int] = None,
     chunk: Optional[int] = None,
+    tokenizer=None,
     **policy_args,
 ) -> StreamingCache:
     """Switch ``model`` to the ``"inf_mllm"`` attention and return a fresh :class:`StreamingCache`.
@@ -34,6 +35,9 @@ def enable(
     Use: ``model.generate(ids, cache=cache, ...)`` or ``model(ids, cache=cache)`` (transformers
     5.0-5.23: ``past_key_values=cache``; ``inf_mllm.CACHE_KW`` names the installed version's
     keyword), or :func:`inf_mllm.stream` / :func:`inf_mllm.generate` for inputs of any length.
+
+    ``tokenizer``: the model's, for a policy whose probes start with an instruction (``kvzip``);
+    ignored by the others.
 
     Vision-language models (LLaVA family): the cache and the attention attach to the language
     model only (text sub-config); the vision tower keeps its own attention. Models with
@@ -50,4 +54,4 @@ def enable(
     if reason is not None:
         raise ValueError(f"inf_mllm: unsupported model: {reason}")
     set_attn_implementation(model, ATTN_IMPL)
-    return StreamingCache(model, pol)
+    return StreamingCache(model, pol, tokenizer=tokenizer)

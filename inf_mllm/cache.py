@@ -295,6 +295,59 @@ class StreamingLayer(CacheLayerMixin):
         return out
 
 
+class PooledLayer(StreamingLayer):
+    """A layer of a cache whose policy pools its budget over every layer and KV head
+    (:mod:`inf_mllm.pooled`): ``buf`` is the layer's view of the rows' pool."""
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        from .pooled import Pool, PooledLayerState
+
+        B, H, _, D = key_states.shape
+        self.dtype, self.device = key_states.dtype, key_states.device
+        cache, pol = self.cache, self.cache.policy
+        if cache._pool is None or cache._pool.batch != B:
+            n_heads = H * len(cache.layers)
+            cache._pool = Pool(B, n_heads * (pol.budget + pol.head_room), D, key_states.dtype, key_states.device)
+        self.buf = PooledLayerState(self, B, H, D, key_states.dtype, key_states.device, pol.capacity)
+        self.is_initialized = True
+
+    def select_rows(self, rows):
+        if self.buf is not None and rows != list(range(self.buf.batch)):
+            raise NotImplementedError(f"inf_mllm: policy {self.cache.policy.name!r} (a pooled budget) does not "
+                                      "support beam search or row selection yet")
+
+    def attend(self, query, attention_mask, scaling, position_ids) -> torch.Tensor:
+        from . import pooled
+
+        if self.pending is None:
+            raise RuntimeError("inf_mllm: attention called without a cache update for this layer")
+        if self.plan is not None:
+            raise RuntimeError("inf_mllm: a pooled cache does not take planned decode steps")
+        kn, vn = self.pending
+        self.pending = None
+        cache = self.cache
+        n = query.shape[2]
+        if _real_tokens(attention_mask, n, query.device) is not None:
+            raise ValueError(f"inf_mllm: policy {cache.policy.name!r} (a pooled budget) does not take padded batches "
+                             "yet; feed the rows one by one")
+        if self.layer_idx == 0:  # room for the forward in every layer, checked before any is written
+            need = n * kn.shape[1] * len(cache.layers)
+            free = min(len(f) for f in cache._pool.free)
+            if need > free:
+                raise ValueError(f"inf_mllm: a forward of {n} tokens needs {need} free slots of the pool, which has {free}; "
+                                 f"feed long inputs with inf_mllm.stream (chunks of at most {cache.policy.slack})")
+        cache.rope.at(position_ids, n, self.seen - n, query, fresh=self.layer_idx == 0)
+        query, kn = cache.rope.undo(query), cache.rope.undo(kn)
+        probe = cache._probing is not None
+        out = pooled.attend(self.buf, cache._pool, query, kn, vn, scaling, cache.rope.op_kwargs(query.device),
+                            [self.seen - n] * self.buf.batch, probe)
+        if probe:
+            self.buf.probed_upto = [self.seen - n] * self.buf.batch  # (seen counts the probe's tokens until it ends)
+        elif self.layer_idx == len(cache.layers) - 1 and not cache._deferring:
+            cache._pooled_cut()  # after the forward's last layer: every layer holds its new tokens
+        return out
+
+
 _NO_SCORING = object()  # the plan of a step that does not score
 
 
@@ -340,12 +393,14 @@ class StreamingCache(Cache):
         model: the (already loaded) model; checked for support.
         policy: policy name (see :func:`inf_mllm.policies.available_policies`) or a ``Policy``.
         chunk: prefill chunk size; the capacity is ``C = budget + max(window, chunk)``.
+        tokenizer: the model's, for a policy whose probes start with an instruction (``kvzip``).
         **policy_args: ``budget, n_sink, n_recent, window, bias`` and policy-specific ones.
 
     The model must use ``attn_implementation="inf_mllm"``: use :func:`inf_mllm.enable`.
     """
 
-    def __init__(self, model, policy: Union[str, Policy] = "inf_mllm", *, chunk: int = DEFAULT_CHUNK, **policy_args):
+    def __init__(self, model, policy: Union[str, Policy] = "inf_mllm", *, chunk: int = DEFAULT_CHUNK, tokenizer=None,
+                 **policy_args):
         if isinstance(policy, Policy):
             if policy_args:
                 raise TypeError("inf_mllm: pass policy arguments either to the Policy or here, not both")
@@ -356,22 +411,39 @@ class StreamingCache(Cache):
         if reason is not None:
             raise ValueError(f"inf_mllm: unsupported model: {reason}")
         cfg = text_config(model)
-        layers = [StreamingLayer(self, i) for i in range(cfg.num_hidden_layers)]
+        self.pooled = bool(getattr(pol, "pooled", False))  # one pool per row over all layers and heads
+        layer_cls = PooledLayer if self.pooled else StreamingLayer
+        layers = [layer_cls(self, i) for i in range(cfg.num_hidden_layers)]
         super().__init__(layers=layers)
         self.policy = pol
         self.config = model.config
         self.mrope = None  # the 3-D positions' host state (inf_mllm.mrope.Tracker) of an M-RoPE model
         if is_mrope_model(model):
+            if self.pooled:
+                raise ValueError(f"inf_mllm: policy {pol.name!r} (a pooled budget) does not support multimodal rotary "
+                                 "positions (M-RoPE) yet")
             if pol.rolling and getattr(pol, "n_recent", 1) < 1:
                 raise ValueError(f"inf_mllm: policy {pol.name!r} with n_recent=0 on an M-RoPE model: rolling 3-D "
                                  "positions need the newest token kept (n_recent >= 1)")
             self.mrope = Tracker(model)
             install_hooks(model)
         self._forward = None
+        self._pool = None  # (pooled policies) the rows' shared slots, made by the first forward
+        #: token ids that ``inf_mllm.stream`` puts before every probe's tokens, for a policy that
+        #: asks for an instruction (``policy.instruction``; :meth:`set_instruction`)
+        self.instruction_ids: Optional[List[int]] = None
+        if getattr(pol, "instruction", None) is not None:
+            if tokenizer is None:
+                raise ValueError(f"inf_mllm: policy {pol.name!r} puts an instruction before every probe: pass the model's "
+                                 "tokenizer (enable(model, ..., tokenizer=tok)), or instruct=False")
+            self.set_instruction(tokenizer)
         try:
             self.rope = Rope(find_rotary(model), pol.capacity, _model_dtype(model), mrope=self.mrope is not None)
         except RopeMismatch as e:
             raise ValueError(f"inf_mllm: unsupported model: {e}") from None
+        if self.pooled and self.rope.kind != "freq":
+            raise ValueError(f"inf_mllm: policy {pol.name!r} needs RoPE from the model's frequencies (a head's rolling "
+                             f"positions may pass the capacity); this model's: {self.rope.reason}")
         self._modality = TEXT
         self._plans: dict = {}
         self._deferring = False  # inside deferred_eviction()
@@ -409,6 +481,10 @@ class StreamingCache(Cache):
             yield self
         finally:
             self._deferring = False
+            if self.pooled:
+                for layer in self.layers:
+                    layer.deferred = set()
+                self._pooled_cut()
             for layer in self.layers:
                 rows, layer.deferred = sorted(layer.deferred), set()
                 if rows and layer.buf is not None:
@@ -436,6 +512,33 @@ class StreamingCache(Cache):
                 layer.pending = None
             self._probing = None
 
+    def set_instruction(self, tokenizer) -> None:
+        """Tokenise the policy's probe instruction (``kvzip``: KVzip's "Repeat the previous context
+        exactly.") with the model's tokenizer; ``inf_mllm.stream`` puts it before every probe."""
+        text = getattr(self.policy, "instruction", None)
+        if text is None:
+            self.instruction_ids = None
+            return
+        ids = [int(t) for t in tokenizer.encode(text, add_special_tokens=False)]
+        room = self.policy.params.get("prompt_room", 0)
+        if len(ids) > room:
+            raise ValueError(f"inf_mllm: the instruction is {len(ids)} tokens, more than prompt_room={room}")
+        self.instruction_ids = ids
+
+    def _pooled_cut(self) -> None:
+        """(pooled policies) the cut over every layer and KV head of each row (inf_mllm.pooled.cut)."""
+        from .pooled import cut
+
+        if self._pool is None or any(layer.buf is None for layer in self.layers):
+            return
+        pol = self.policy
+        cut([layer.buf for layer in self.layers], self._pool, pol.budget, pol.n_sink, pol.n_recent)
+
+    def _refuse_pooled(self, what: str) -> None:
+        if self.pooled:
+            raise NotImplementedError(f"inf_mllm: policy {self.policy.name!r} (a pooled budget) does not support {what} "
+                                      "yet")
+
     @property
     def capacity(self) -> int:
         return self.policy.capacity
@@ -446,7 +549,11 @@ class StreamingCache(Cache):
         return list(buf.lengths) if buf is not None else []
 
     def stats(self) -> dict:
-        """Tokens seen, slots used (per modality), evictions, bytes held by the buffers."""
+        """Tokens seen, slots used (per modality), evictions, bytes held by the buffers. A pooled
+        cache (``kvzip``) counts slots per layer on average (its heads hold different numbers), all
+        of them text, and ``cache_bytes`` is the pool's, allocated once."""
+        if self.pooled:
+            return self._pooled_stats()
         used = {name: 0 for name in NAMES.values()}
         nbytes = sum(layer.buf.nbytes() for layer in self.layers if layer.buf is not None)
         slots = evictions = capacity = 0
@@ -470,6 +577,22 @@ class StreamingCache(Cache):
             "cache_bytes": nbytes,
         }
 
+    def _pooled_stats(self) -> dict:
+        states = [layer.buf for layer in self.layers if layer.buf is not None]
+        pool = self._pool
+        held = [sum(st.held() for st in states) / max(len(states), 1) / max(states[0].heads, 1)] if states else [0]
+        slots = int(round(held[0])) if states else 0
+        return {
+            "policy": self.policy.name,
+            "tokens_seen": self.get_seq_length(),
+            "slots_used": slots,
+            "slots_by_modality": {name: (slots if code == TEXT else 0) for code, name in NAMES.items()},
+            "capacity": self.capacity,
+            "budget": self.policy.budget,
+            "evictions": pool.evictions if pool is not None else 0,
+            "cache_bytes": pool.nbytes() + sum(st.table.numel() * 8 for st in states) if pool is not None else 0,
+        }
+
     def get_query_offset(self, layer_idx: int = 0):
         layer = self.layers[layer_idx]
         if layer.plan is not None:  # a planned step: a constant (the "inf_mllm" mask function does not use it)
@@ -482,6 +605,7 @@ class StreamingCache(Cache):
         Follow it by one forward of one token per row, then :meth:`finish_decode_step`."""
         if self.policy.grows:
             raise ValueError(f"inf_mllm: a planned decode step needs a fixed-size cache; policy {self.policy.name!r} grows")
+        self._refuse_pooled("compiled (planned) decode steps")
         if self.mrope is not None:
             raise ValueError("inf_mllm: compiled decode steps do not take multimodal rotary positions yet (the positions "
                              "are computed on the host per forward); decode eagerly (inf_mllm.greedy / generate)")
@@ -522,6 +646,8 @@ class StreamingCache(Cache):
         """An independent copy of the cache (buffers, counters, policy state), e.g. to ask several
         questions after one long stream without streaming it again."""
         new = copy.copy(self)
+        if self._pool is not None:
+            new._pool = self._pool.clone()
         new.layers = []
         for layer in self.layers:
             twin = copy.copy(layer)
@@ -541,6 +667,7 @@ class StreamingCache(Cache):
 
     def reset(self):
         """Forget every token, counter and buffer: the cache is as new (any batch size next)."""
+        self._pool = None
         for layer in self.layers:
             layer.reset()
         self.rope.forget()
@@ -600,6 +727,7 @@ class StreamingCache(Cache):
         Returns what was written (bytes, seconds)."""
         from .persist import save_cache
 
+        self._refuse_pooled("save()")
         return save_cache(self, path)
 
     @classmethod

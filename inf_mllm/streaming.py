@@ -135,6 +135,9 @@ def stream(
     else:
         attention_mask = None  # all ones: the same as no mask
     probe = cache.policy.probes
+    if probe and getattr(cache.policy, "instruction", None) is not None and cache.instruction_ids is None:
+        raise ValueError(f"inf_mllm: policy {cache.policy.name!r} puts an instruction before every probe: call "
+                         "cache.set_instruction(tokenizer) first (or make the cache with instruct=False)")
     nll = torch.zeros(B, T - 1, dtype=torch.float32, device=device) if return_nll else None
     prev_last = None
     last = None
@@ -157,7 +160,7 @@ def stream(
                 with cache.deferred_eviction():
                     out = model(**piece, **kw)
                     with cache.probing():
-                        model(**piece, **dict(kw, logits_to_keep=1))
+                        model(**_instructed(model, cache, piece), **dict(kw, logits_to_keep=1))
             else:
                 out = model(**piece, **kw)
             logits = out.logits
@@ -180,6 +183,20 @@ def stream(
 
 VISION_INPUTS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "mm_token_type_ids",
                  "second_per_grid_ts")
+
+
+def _instructed(model, cache, piece: dict) -> dict:
+    """A probe's inputs: the cache's instruction (``cache.instruction_ids``), if any, then the chunk."""
+    ids = cache.instruction_ids
+    if not ids:
+        return piece
+    if "input_ids" in piece:
+        x = piece["input_ids"]
+        pre = torch.tensor([ids], dtype=x.dtype, device=x.device).expand(x.shape[0], -1)
+        return dict(input_ids=torch.cat([pre, x], 1))
+    x = piece["inputs_embeds"]
+    emb = model.get_input_embeddings()(torch.tensor([ids], device=x.device)).to(x.dtype)
+    return dict(inputs_embeds=torch.cat([emb.expand(x.shape[0], -1, -1), x], 1))
 
 
 def _stream_vision(model, input_ids, cache, chunk, attention_mask, progress, return_nll, inputs_embeds, vision):

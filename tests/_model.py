@@ -30,4 +30,7 @@ def policy_kwargs(policy, budget, chunk=16):
         kw["window"] = 8
     if policy == "snapkv":
         kw["window"] = 8
+    if policy == "kvzip":  # the tiny model has no tokenizer (tests/test_pooled.py gives the instruction)
+        kw["instruct"] = False
+        kw["n_recent"] = max(4, budget // 8)
     return kw

@@ -23,7 +23,8 @@ def test_equals_full_below_budget_real_model(smollm, policy):  # noqa: F811
     ref_cache = inf_mllm.enable(model, "full", budget=256)
     ref = model.generate(ids, **{CACHE_KW: ref_cache}, max_new_tokens=6, do_sample=False,
                          output_logits=True, return_dict_in_generate=True)
-    cache = inf_mllm.enable(model, policy, budget=256, n_recent=32 if policy in ("inf_mllm", "h2o", "look_m") else None)
+    cache = inf_mllm.enable(model, policy, budget=256, n_recent=32 if policy in ("inf_mllm", "h2o", "look_m") else None,
+                            tokenizer=tok)
     out = model.generate(ids, **{CACHE_KW: cache}, max_new_tokens=6, do_sample=False,
                          output_logits=True, return_dict_in_generate=True)
     assert out.sequences.tolist() == ref.sequences.tolist()

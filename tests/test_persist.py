@@ -13,7 +13,8 @@ from inf_mllm.policies import available_policies, get_policy_class
 
 from _model import policy_kwargs, tiny_llama
 
-ALL = available_policies()
+# a pooled cache (``kvzip``) cannot be saved yet: tests/test_pooled.py checks that save() says so
+ALL = [p for p in available_policies() if not getattr(get_policy_class(p), "pooled", False)]
 FIXED = [p for p in ALL if not get_policy_class(p).grows]
 
 

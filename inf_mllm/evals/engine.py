@@ -196,7 +196,8 @@ class PolicyRunner:
             return DynamicCache(config=self.model.config)
         from ..api import enable
 
-        cache = enable(self.model, policy=self.policy, chunk=self.chunk, **self.policy_args)
+        cache = enable(self.model, policy=self.policy, chunk=self.chunk, tokenizer=self.bundle.tokenizer,
+                       **self.policy_args)
         pol = getattr(cache, "policy", None)
         if pol is not None and getattr(pol, "params", None) is not None:
             self.effective_args = dict(pol.params, chunk=getattr(pol, "chunk", self.chunk))
