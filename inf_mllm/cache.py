@@ -339,8 +339,9 @@ class PooledLayer(StreamingLayer):
         cache.rope.at(position_ids, n, self.seen - n, query, fresh=self.layer_idx == 0)
         query, kn = cache.rope.undo(query), cache.rope.undo(kn)
         probe = cache._probing is not None
+        # tokens fed inside deferred_eviction() are scored by the probe that follows them (inf_mllm.stream)
         out = pooled.attend(self.buf, cache._pool, query, kn, vn, scaling, cache.rope.op_kwargs(query.device),
-                            [self.seen - n] * self.buf.batch, probe)
+                            [self.seen - n] * self.buf.batch, probe, score=not cache._deferring)
         if probe:
             self.buf.probed_upto = [self.seen - n] * self.buf.batch  # (seen counts the probe's tokens until it ends)
         elif self.layer_idx == len(cache.layers) - 1 and not cache._deferring:
@@ -580,8 +581,8 @@ class StreamingCache(Cache):
     def _pooled_stats(self) -> dict:
         states = [layer.buf for layer in self.layers if layer.buf is not None]
         pool = self._pool
-        held = [sum(st.held() for st in states) / max(len(states), 1) / max(states[0].heads, 1)] if states else [0]
-        slots = int(round(held[0])) if states else 0
+        # per layer on average, summed over rows (the heads of a layer hold different numbers)
+        slots = round(sum(st.held() for st in states) / (len(states) * states[0].heads)) if states else 0
         return {
             "policy": self.policy.name,
             "tokens_seen": self.get_seq_length(),

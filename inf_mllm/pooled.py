@@ -156,10 +156,12 @@ class PooledLayerState:
         return k, v, length, slots
 
 
-def attend(state: PooledLayerState, pool: Pool, q, kn, vn, scaling, rope: dict, first_pos, probe: bool):
+def attend(state: PooledLayerState, pool: Pool, q, kn, vn, scaling, rope: dict, first_pos, probe: bool,
+           score: bool = True):
     """One layer's attention over the pool (the module docstring): returns ``[B, Hq, n, D]``.
-    A forward outside a probe scores its own new tokens (their peak probability from its queries);
-    a probe scores the tokens fed since the last probe, then leaves."""
+    A forward outside a probe scores its own new tokens (their peak probability from its queries)
+    unless ``score`` is false (a chunk whose probe follows: it would overwrite them); a probe
+    scores the tokens fed since the last probe, then leaves."""
     B, Hq, n, D = q.shape
     H = state.heads
     G = Hq // H
@@ -167,6 +169,8 @@ def attend(state: PooledLayerState, pool: Pool, q, kn, vn, scaling, rope: dict, 
     k, v, length, slots = state.gathered(pool)
     qr = q.reshape(B, H, G, n, D).reshape(B * H, G, n, D)
     out = ops.attention_with_scores(qr, k, v, length, None, scale=scaling, window=0, **rope, check_values=False)
+    if not (probe or score):
+        return out.view(B, H, G, n, D).reshape(B, Hq, n, D)
     with torch.no_grad():
         peak = reference.probe_attention_max(qr.detach(), k, length, scale=scaling, **rope).view(B, H, -1)  # [B, Hkv, Lmax]
     if probe:

@@ -158,9 +158,12 @@ def test_probe_scores_its_chunk_and_leaves_nothing(model):
     assert len(pool.free[0]) == free - 16 * len(_heads(cache))  # the probe's slots are free again
     assert torch.equal(pool.score[0, slots], before)  # tokens probed before keep their scores
     new = st.table[0, 0, st.lens[0][0] - 16:st.lens[0][0]]
-    assert not torch.equal(pool.score[0, new], mid[new])  # the chunk's scores are the probe's
-    assert bool((pool.score[0, new] > 0).all()) and bool((pool.score[0, new] <= 1).all())
+    assert bool((mid[new] == 0).all())  # a chunk fed before its probe is not scored twice
+    assert bool((pool.score[0, new] > 0).all()) and bool((pool.score[0, new] <= 1).all())  # the probe's
     assert cache.get_seq_length() == 64
+    model(_ids(1, seed=6), **{CACHE_KW: cache})  # a step outside a probe: scored by its own query
+    last = st.table[0, 0, st.lens[0][0] - 1]
+    assert 0 < float(pool.score[0, last]) <= 1
 
 
 def test_the_instruction_goes_before_every_probe(model, monkeypatch):
@@ -169,10 +172,10 @@ def test_the_instruction_goes_before_every_probe(model, monkeypatch):
     seen = []
     orig = pooled.attend
 
-    def spy(state, pool, q, kn, vn, scaling, rope, first_pos, probe):
+    def spy(state, pool, q, kn, vn, scaling, rope, first_pos, probe, score=True):
         if state.owner.layer_idx == 0:
             seen.append((probe, q.shape[2]))
-        return orig(state, pool, q, kn, vn, scaling, rope, first_pos, probe)
+        return orig(state, pool, q, kn, vn, scaling, rope, first_pos, probe, score)
 
     monkeypatch.setattr(pooled, "attend", spy)
     inf_mllm.stream(model, _ids(40, seed=6), cache=cache, chunk=16)
