@@ -341,7 +341,8 @@ class PooledLayer(StreamingLayer):
         probe = cache._probing is not None
         # tokens fed inside deferred_eviction() are scored by the probe that follows them (inf_mllm.stream)
         out = pooled.attend(self.buf, cache._pool, query, kn, vn, scaling, cache.rope.op_kwargs(query.device),
-                            [self.seen - n] * self.buf.batch, probe, score=not cache._deferring)
+                            [self.seen - n] * self.buf.batch, probe, score=not cache._deferring,
+                            roll=cache.policy.params["roll"])
         if probe:
             self.buf.probed_upto = [self.seen - n] * self.buf.batch  # (seen counts the probe's tokens until it ends)
         elif self.layer_idx == len(cache.layers) - 1 and not cache._deferring:

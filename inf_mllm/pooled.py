@@ -157,16 +157,21 @@ class PooledLayerState:
 
 
 def attend(state: PooledLayerState, pool: Pool, q, kn, vn, scaling, rope: dict, first_pos, probe: bool,
-           score: bool = True):
+           score: bool = True, roll: bool = True):
     """One layer's attention over the pool (the module docstring): returns ``[B, Hq, n, D]``.
     A forward outside a probe scores its own new tokens (their peak probability from its queries)
     unless ``score`` is false (a chunk whose probe follows: it would overwrite them); a probe
-    scores the tokens fed since the last probe, then leaves."""
+    scores the tokens fed since the last probe, then leaves. ``roll=False``: RoPE at every token's
+    stream position instead of its slot (valid inside the model's trained context only)."""
     B, Hq, n, D = q.shape
     H = state.heads
     G = Hq // H
     new = state.append(pool, kn, vn, first_pos)
     k, v, length, slots = state.gathered(pool)
+    if not roll:  # every token at its stream position (one rotary section: every frequency's)
+        flat = (slots + torch.arange(B, device=slots.device)[:, None, None] * pool.slots).reshape(-1)
+        pos = pool.position.view(-1).index_select(0, flat).to(torch.int32).view(1, B * H, 1, -1)
+        rope = dict(rope, rope_pos=pos, rope_sections=torch.zeros(D // 2, dtype=torch.int32, device=pos.device))
     qr = q.reshape(B, H, G, n, D).reshape(B * H, G, n, D)
     out = ops.attention_with_scores(qr, k, v, length, None, scale=scaling, window=0, **rope, check_values=False)
     if not (probe or score):

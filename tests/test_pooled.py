@@ -108,10 +108,12 @@ def test_equals_full_below_budget_with_probes_and_instruction(model):
     assert cache.lengths() == [70] and cache.get_seq_length() == 70
 
 
-def test_attention_over_the_pool_is_the_operator_per_head():
+@pytest.mark.parametrize("roll", [True, False])
+def test_attention_over_the_pool_is_the_operator_per_head(roll):
     """pooled.attend equals SPEC §4.1's reference run on each head's own contiguous buffer
-    (its tokens gathered in table order, rolling positions by slot), and the new tokens' scores
-    are their peak probability over the forward's queries and heads of the group."""
+    (its tokens gathered in table order; rolling positions by slot, or ``roll=False`` the stream
+    positions), and the new tokens' scores are their peak probability over the forward's queries
+    and heads of the group."""
     g = torch.Generator().manual_seed(0)
     B, Hkv, G, D = 2, 3, 2, 16
     inv_freq = 1.0 / (10000 ** (torch.arange(0, D, 2).float() / D))
@@ -121,7 +123,7 @@ def test_attention_over_the_pool_is_the_operator_per_head():
     for step, n in enumerate((20, 20, 20)):
         kn, vn = torch.randn(B, Hkv, n, D, generator=g), torch.randn(B, Hkv, n, D, generator=g)
         q = torch.randn(B, Hkv * G, n, D, generator=g)
-        out = pooled.attend(st, pool, q, kn, vn, 0.3, rope, [20 * step] * B, probe=False)
+        out = pooled.attend(st, pool, q, kn, vn, 0.3, rope, [20 * step] * B, probe=False, roll=roll)
         for b in range(B):
             for h in range(Hkv):
                 L = st.lens[b][h]
@@ -129,9 +131,14 @@ def test_attention_over_the_pool_is_the_operator_per_head():
                 k, v = pool.k[b, sl][None, None], pool.v[b, sl][None, None]
                 qh = q[b:b + 1, h * G:(h + 1) * G]
                 length = torch.tensor([L], dtype=torch.int32)
-                want = reference.attention_with_scores_ref(qh, k, v, length, None, scale=0.3, window=0, **rope)
+                at = dict(rope)
+                if not roll:
+                    assert pool.position[b, sl].tolist()[-n:] == list(range(20 * step, 20 * step + n))
+                    at.update(rope_pos=pool.position[b, sl].to(torch.int32).view(1, 1, 1, L),
+                              rope_sections=torch.zeros(D // 2, dtype=torch.int32))
+                want = reference.attention_with_scores_ref(qh, k, v, length, None, scale=0.3, window=0, **at)
                 torch.testing.assert_close(out[b:b + 1, h * G:(h + 1) * G], want, atol=1e-5, rtol=1e-5)
-                peak = reference.probe_attention_max(qh, k, length, scale=0.3, **rope)[0, 0]
+                peak = reference.probe_attention_max(qh, k, length, scale=0.3, **at)[0, 0]
                 torch.testing.assert_close(pool.score[b, sl[L - n:]], peak[L - n:])
         # uneven shares: cut with random scores so that the heads hold different numbers
         pool.score[:, :] = torch.rand(B, 400, generator=g)
@@ -172,10 +179,10 @@ def test_the_instruction_goes_before_every_probe(model, monkeypatch):
     seen = []
     orig = pooled.attend
 
-    def spy(state, pool, q, kn, vn, scaling, rope, first_pos, probe, score=True):
+    def spy(state, pool, q, kn, vn, scaling, rope, first_pos, probe, **kw):
         if state.owner.layer_idx == 0:
             seen.append((probe, q.shape[2]))
-        return orig(state, pool, q, kn, vn, scaling, rope, first_pos, probe, score)
+        return orig(state, pool, q, kn, vn, scaling, rope, first_pos, probe, **kw)
 
     monkeypatch.setattr(pooled, "attend", spy)
     inf_mllm.stream(model, _ids(40, seed=6), cache=cache, chunk=16)

@@ -13,6 +13,8 @@ What it keeps: after every forward (after the probe, in ``inf_mllm.stream``) the
 ``n_recent`` last tokens, and the remaining ``n_layers * Hkv * budget`` slots go to the best-scored
 middle tokens of all heads and layers together, so one head may hold many and another few.
 The storage is one pool per row (:mod:`inf_mllm.pooled`), fixed when the cache is made.
+Positions roll (a head's ``j``-th token at position ``j``); ``roll=False`` keeps every token at
+its stream position instead (only inside the model's trained context: a diagnostic, method.md §9.5).
 
 Not supported yet (each refused with a clear error): saving a cache, clone, beam search and row
 selection, padded batches, compiled decode steps, multimodal rotary positions (M-RoPE).
@@ -29,13 +31,14 @@ class KVzipPolicy(Policy):
     positions = ROLLING
     pooled = True
     follows = ("budget", "n_sink", "n_recent")
-    defaults = dict(budget=2048, n_sink=4, n_recent=32, window=0, bias=0.0, instruct=True, prompt_room=32)
+    defaults = dict(budget=2048, n_sink=4, n_recent=32, window=0, bias=0.0, instruct=True, prompt_room=32, roll=True)
 
     def validate(self):
         if self.window or self.bias:
             raise ValueError("inf_mllm: policy 'kvzip' scores by its probe; window and bias do not apply")
-        if not isinstance(self.params["instruct"], bool):
-            raise TypeError(f"inf_mllm: instruct must be a bool, got {self.params['instruct']!r}")
+        for name in ("instruct", "roll"):
+            if not isinstance(self.params[name], bool):
+                raise TypeError(f"inf_mllm: {name} must be a bool, got {self.params[name]!r}")
         if not isinstance(self.params["prompt_room"], int) or self.params["prompt_room"] < 0:
             raise ValueError(f"inf_mllm: prompt_room must be an int >= 0, got {self.params['prompt_room']!r}")
 
