@@ -77,7 +77,7 @@ def _correct(name: str, **where) -> tuple:
 
 #: inf_mllm arguments added after some committed runs, with the value that does what the code did
 #: before they existed (a run that lacks one ran as with this value)
-_ADDED_LATER = {"probe": "sum", "novelty_life": 0.0}
+_ADDED_LATER = {"probe": "sum", "novelty_life": 0.0, "roll": True}
 
 
 def _ran_with_defaults(name: str, policy="inf_mllm", preset=("budget", "n_recent", "chunk"), **override):
@@ -116,6 +116,12 @@ def test_readme_results_summary():
     got = _once("README.md", r"with `window=64` \(every query of a 64-token chunk scores, where SPEC's default has the "
                 r"last 32: opt-in\) (\d+) and (\d+) pass keys, (\d+) and (\d+) facts")
     assert got == tuple(str(_correct(w64, kind=k, budget=b)[0]) for k in ("passkey", "fact") for b in (256, 128))
+    kz = {k: "eval_needle_issue20_kvzip_%s.json" % k for k in ("passkey", "fact")}  # the pooled opt-in policy
+    for name in kz.values():
+        _ran_with_defaults(name, policy="kvzip")
+    got = _once("README.md", r"with the experimental `kvzip` policy \(a budget pooled over all layers and heads, each chunk "
+                r"scored by KVzip's instructed probe: opt-in, and dearer\) (\d+) and (\d+) pass keys, (\d+) and (\d+) facts")
+    assert got == tuple(str(_correct(kz[k], budget=b)[0]) for k in ("passkey", "fact") for b in (256, 128))
     qi = ["eval_needle_issue20_qwen_mean.json", "eval_needle_issue20_qwen16K_mean.json"]
     for name in qi:
         _ran_with_defaults(name)
