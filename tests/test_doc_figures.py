@@ -122,6 +122,14 @@ def test_readme_results_summary():
     got = _once("README.md", r"with the experimental `kvzip` policy \(a budget pooled over all layers and heads, each chunk "
                 r"scored by KVzip's instructed probe: opt-in, and dearer\) (\d+) and (\d+) pass keys, (\d+) and (\d+) facts")
     assert got == tuple(str(_correct(kz[k], budget=b)[0]) for k in ("passkey", "fact") for b in (256, 128))
+    kn = {k: "eval_needle_issue20_kvzip_noroll_%s.json" % k for k in ("passkey", "fact")}
+    for name in kn.values():
+        _ran_with_defaults(name, policy="kvzip", roll=False)
+    got = _once("README.md", r"with stream positions instead of rolling ones \(`roll=False`, inside the trained context "
+                r"only\) (\d+) and (\d+) pass keys, (\d+) and (\d+) facts: that meets the 95% of `full`")
+    assert got == tuple(str(_correct(kn[k], budget=b)[0]) for k in ("passkey", "fact") for b in (256, 128))
+    for k, (full_k, _) in (("passkey", full_pk), ("fact", full_fa)):  # 256 slots: >= 0.95 x full
+        assert _correct(kn[k], budget=256)[0] >= 0.95 * full_k
     qi = ["eval_needle_issue20_qwen_mean.json", "eval_needle_issue20_qwen16K_mean.json"]
     for name in qi:
         _ran_with_defaults(name)
