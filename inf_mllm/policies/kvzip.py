@@ -14,9 +14,10 @@ What it keeps: after every forward (after the probe, in ``inf_mllm.stream``) the
 middle tokens of all heads and layers together, so one head may hold many and another few.
 The storage is one pool per row (:mod:`inf_mllm.pooled`), fixed when the cache is made.
 Positions roll (a head's ``j``-th token at position ``j``); ``roll=False`` keeps every token at
-its stream position instead (only inside the model's trained context: a diagnostic, method.md §9.5).
+its stream position instead, valid only inside the model's trained context (there it kept more on
+the needle evaluation: method.md §9.5).
 
-Not supported yet (each refused with a clear error): saving a cache, clone, beam search and row
+Not supported yet (each refused with a clear error): saving a cache, beam search and row
 selection, padded batches, compiled decode steps, multimodal rotary positions (M-RoPE).
 """
 from .base import ROLLING, Policy, register_policy
