@@ -70,6 +70,12 @@ class Pool:
         return new
 
 
+def _flat(pool: Pool, slots: torch.Tensor) -> torch.Tensor:
+    """Slot numbers ``[B, ...]`` of each row's pool as indices into the pool flattened over rows."""
+    B = slots.shape[0]
+    return (slots + torch.arange(B, device=slots.device).view(B, *([1] * (slots.dim() - 1))) * pool.slots).reshape(-1)
+
+
 class PooledLayerState:
     """One layer's view of the pool: its tables and lengths (host), and the shim ``k``/``v`` that the
     transformers layer returns from ``update`` (so the attention function finds the layer)."""
@@ -121,7 +127,7 @@ class PooledLayerState:
         self._room(max(max(r) for r in self.lens) + n)
         slots = torch.tensor([[pool.take(b, H * n)] for b in range(B)], dtype=torch.long).view(B, H, n)
         slots = slots.to(self.table.device)
-        flat = (slots + torch.arange(B, device=slots.device)[:, None, None] * pool.slots).reshape(-1)
+        flat = _flat(pool, slots)
         pool.k.view(-1, D).index_copy_(0, flat, kn.detach().reshape(-1, D).to(pool.k.dtype))
         pool.v.view(-1, D).index_copy_(0, flat, vn.detach().reshape(-1, D).to(pool.v.dtype))
         pool.score.view(-1).index_fill_(0, flat, 0.0)
@@ -143,17 +149,18 @@ class PooledLayerState:
                 self.lens[b][h] = L - n
 
     def gathered(self, pool: Pool):
-        """``(k, v, length, slots)``: every (row, head) as one operator row ``[B*Hkv, 1, Lmax, D]``,
-        its tokens in table order, ``length [B*Hkv]`` int32, ``slots [B, Hkv, Lmax]``."""
+        """``(k, v, length, slots, flat)``: every (row, head) as one operator row ``[B*Hkv, 1, Lmax, D]``,
+        its tokens in table order, ``length [B*Hkv]`` int32, ``slots [B, Hkv, Lmax]`` and their
+        indices into the flattened pool."""
         B, H = self.batch, self.heads
         Lmax = max(max(r) for r in self.lens)
         slots = self.table[:, :, :Lmax]
-        flat = (slots + torch.arange(B, device=slots.device)[:, None, None] * pool.slots).reshape(-1)
+        flat = _flat(pool, slots)
         D = pool.k.shape[-1]
         k = pool.k.view(-1, D).index_select(0, flat).view(B * H, 1, Lmax, D)
         v = pool.v.view(-1, D).index_select(0, flat).view(B * H, 1, Lmax, D)
         length = torch.tensor([L for r in self.lens for L in r], dtype=torch.int32, device=slots.device)
-        return k, v, length, slots
+        return k, v, length, slots, flat
 
 
 def attend(state: PooledLayerState, pool: Pool, q, kn, vn, scaling, rope: dict, first_pos, probe: bool,
@@ -167,9 +174,8 @@ def attend(state: PooledLayerState, pool: Pool, q, kn, vn, scaling, rope: dict, 
     H = state.heads
     G = Hq // H
     new = state.append(pool, kn, vn, first_pos)
-    k, v, length, slots = state.gathered(pool)
+    k, v, length, slots, flat = state.gathered(pool)
     if not roll:  # every token at its stream position (one rotary section: every frequency's)
-        flat = (slots + torch.arange(B, device=slots.device)[:, None, None] * pool.slots).reshape(-1)
         pos = pool.position.view(-1).index_select(0, flat).to(torch.int32).view(1, B * H, 1, -1)
         rope = dict(rope, rope_pos=pos, rope_sections=torch.zeros(D // 2, dtype=torch.int32, device=pos.device))
     qr = q.reshape(B, H, G, n, D).reshape(B * H, G, n, D)
